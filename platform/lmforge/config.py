@@ -1,0 +1,371 @@
+"""The job spec: one typed config tree, loaded from YAML plus `key.sub=value` overrides.
+
+Every stage takes its own section of `JobSpec` as a typed argument. Validation happens
+here, before any Ray process starts, and every error names the spec file and the field
+path (`jobs/x.yaml: train.steps: Input should be greater than 0`).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run. The message names the file and the field path."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class DataConfig(Section):
+    path: str | None = None
+    """Local corpus: a file, a directory or a glob of .txt, .jsonl/.json or .parquet files.
+    Relative paths resolve against the current directory. Unset (and no `hub_id`): Python's
+    bundled documentation text (`pydoc_data.topics`), which needs no network."""
+    hub_id: str | None = None
+    """A Hugging Face Hub dataset id, for users with a network. Ignored when `path` is set."""
+    hub_split: str = "train"
+    """Split of the hub dataset to read."""
+    text_field: str = "text"
+    """Column holding the text in json/parquet/hub datasets."""
+    sample_by: Literal["document", "paragraph", "line"] = "document"
+    """For .txt files: one document per file, per blank-line paragraph, or per line.
+    An end-of-text token separates documents in the packed stream."""
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    """Fraction of the token stream (its tail) held out for validation."""
+    cache_dir: str = "runs/cache"
+    """Where tokenized, packed data is cached, keyed by a content fingerprint."""
+
+
+class TokenizerConfig(Section):
+    kind: Literal["bpe", "char", "pretrained"] = "bpe"
+    """`bpe`: train a byte-level BPE tokenizer on the corpus; `char`: one token per
+    character seen in the corpus; `pretrained`: load from `path`."""
+    vocab_size: int = Field(2048, ge=260, le=1_000_000)
+    """Vocabulary size for `bpe` (includes the 256 byte tokens and specials)."""
+    path: str | None = None
+    """Local tokenizer directory or hub id, for `kind: pretrained`."""
+
+    @model_validator(mode="after")
+    def _pretrained_needs_path(self) -> TokenizerConfig:
+        if self.kind == "pretrained" and not self.path:
+            raise ValueError("tokenizer.path is required when tokenizer.kind is 'pretrained'")
+        return self
+
+
+class ModelConfig(Section):
+    arch: Literal["gpt2"] = "gpt2"
+    """Architecture built from this config with random initialisation."""
+    n_layer: int = Field(4, gt=0)
+    """Transformer blocks."""
+    n_head: int = Field(4, gt=0)
+    """Attention heads per block; must divide `n_embd`."""
+    n_embd: int = Field(128, gt=0)
+    """Hidden size."""
+    block_size: int = Field(128, ge=8)
+    """Context length: tokens per training sequence and the model's maximum positions."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on embeddings, attention and residuals."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        return self
+
+
+class TrainConfig(Section):
+    workers: int = Field(2, gt=0)
+    """Ray Train workers (data-parallel ranks)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for each worker. Torch uses max(1, int(this)) threads."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL) instead of CPU (gloo)."""
+    steps: int = Field(200, gt=0)
+    """Optimizer steps to run."""
+    micro_batch_size: int = Field(12, gt=0)
+    """Sequences per worker per step; global batch = micro_batch_size * workers."""
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    """Peak learning rate, reached after warmup."""
+    min_lr: float | None = Field(None, ge=0)
+    """Learning rate at the end of the cosine decay (default lr / 10)."""
+    warmup_steps: int = Field(20, ge=0)
+    """Linear warmup steps from 0 to `lr`."""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay, applied to 2-D weights only."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this (0 disables)."""
+    eval_every: int = Field(50, gt=0)
+    """Steps between validation passes (the last step is always evaluated)."""
+    eval_batches: int = Field(10, gt=0)
+    """Validation batches per rank per pass (a fixed set, so passes are comparable)."""
+    log_every: int = Field(10, gt=0)
+    """Steps between training-metric logs."""
+    seed: int = 1337
+    """Seed for initialisation and data order."""
+    storage_path: str = "runs/ray"
+    """Where Ray Train persists checkpoints and results."""
+    keep_checkpoints: int = Field(2, gt=0)
+    """Checkpoints kept (the best by validation loss)."""
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> TrainConfig:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"train.warmup_steps ({self.warmup_steps}) must be less than train.steps "
+                f"({self.steps})"
+            )
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+        return self
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+
+class LogUniform(Section):
+    type: Literal["loguniform"]
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+
+
+class Uniform(Section):
+    type: Literal["uniform"]
+    low: float
+    high: float
+
+
+class IntRange(Section):
+    type: Literal["int"]
+    low: int
+    high: int
+    """Inclusive upper bound."""
+
+
+class Choice(Section):
+    type: Literal["choice"]
+    values: list[Any] = Field(min_length=1)
+
+
+SearchDim = Annotated[LogUniform | Uniform | IntRange | Choice, Field(discriminator="type")]
+
+
+class TuneConfig(Section):
+    enabled: bool = False
+    """Run a hyperparameter search in `lmforge run` (`lmforge tune` always searches)."""
+    num_trials: int = Field(4, gt=0)
+    """Trials to sample; each is a distributed training run with `train.workers` workers."""
+    max_concurrent_trials: int = Field(1, gt=0)
+    """Trials running at once (each needs driver_cpus + workers * cpus_per_worker)."""
+    metric: Literal["val_loss"] = "val_loss"
+    """Metric the search minimises."""
+    search_space: dict[str, SearchDim] = Field(default_factory=dict)
+    """Dotted spec path (e.g. `train.lr`) to a distribution:
+    `{type: loguniform|uniform, low, high}`, `{type: int, low, high}`, `{type: choice, values}`."""
+    grace_period: int = Field(50, gt=0)
+    """ASHA: steps every trial runs before it can be stopped."""
+    reduction_factor: int = Field(2, ge=2)
+    """ASHA: keep the top 1/reduction_factor of trials at each rung."""
+    seed: int = 0
+    """Seed of the Optuna TPE sampler, so a search is reproducible."""
+    driver_cpus: float = Field(0.1, gt=0)
+    """CPUs reserved for each trial's driver function (Ray refuses 0)."""
+    storage_path: str = "runs/ray"
+    """Where Ray Tune keeps the experiment state."""
+
+
+class TrackingConfig(Section):
+    uri: str | None = None
+    """MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db
+    with artifacts in runs/mlartifacts/."""
+    experiment: str = "lmforge"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """Name of the run (and its directory under runs/). Default: spec name + timestamp."""
+
+
+class RegistryConfig(Section):
+    enabled: bool = True
+    """Register the trained (or best tuned) model in the MLflow model registry."""
+    model_name: str = "lmforge-model"
+    """Registered model name."""
+    alias: str = "champion"
+    """Alias pointed at the new version."""
+
+
+class ServeConfig(Section):
+    enabled: bool = True
+    """In `lmforge run`: deploy the registered model, send one completion, shut down."""
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds."""
+    port: int = Field(8000, ge=1, le=65535)
+    """HTTP port."""
+    min_replicas: int = Field(1, ge=1)
+    """Autoscaling lower bound."""
+    max_replicas: int = Field(1, ge=1)
+    """Autoscaling upper bound."""
+    target_ongoing_requests: float = Field(4, gt=0)
+    """Autoscaling target of in-flight requests per replica."""
+    max_batch_size: int = Field(8, ge=1)
+    """Most requests generated together by `@serve.batch`."""
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    """How long a batch waits to fill before it runs."""
+    max_tokens_limit: int = Field(512, ge=1)
+    """Largest `max_tokens` a request may ask for."""
+    cpus_per_replica: float = Field(1.0, gt=0)
+    """CPUs reserved for each replica."""
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"serve.min_replicas ({self.min_replicas}) must not exceed serve.max_replicas "
+                f"({self.max_replicas})"
+            )
+        return self
+
+
+class JobSpec(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _search_paths_exist(self) -> JobSpec:
+        for key, dim in self.tune.search_space.items():
+            section, _, field = key.partition(".")
+            owner = getattr(self, section, None)
+            if not field or not isinstance(owner, Section) or field not in type(owner).model_fields:
+                raise ValueError(f"tune.search_space: {key!r} is not a spec field path")
+            if isinstance(dim, LogUniform | Uniform | IntRange) and dim.low >= dim.high:
+                raise ValueError(f"tune.search_space.{key}: low must be less than high")
+        return self
+
+    def with_values(self, values: dict[str, Any]) -> JobSpec:
+        """A copy with dotted-path values applied (and validated), e.g. a trial's sample."""
+        raw = self.model_dump(mode="json")
+        for key, value in values.items():
+            _set_dotted(raw, key, value)
+        return JobSpec.model_validate(raw)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"override {key}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.steps=10", "model.n_layer=2"]` -> {"train.steps": 10, ...} (YAML-typed values)."""
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or " " in key:
+            raise SpecError(f"override {item!r}: expected key.sub=value")
+        try:
+            parsed[key] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError as e:
+            raise SpecError(f"override {item!r}: value is not valid YAML: {e}") from e
+    return parsed
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        # Discriminated unions add the tag to the location; keep the path a user wrote.
+        msg = e["msg"].removeprefix("Value error, ")
+        where = f"{loc}: " if loc else ""
+        got = f" (got {e['input']!r})" if e["type"] not in {"missing", "value_error"} else ""
+        if e["type"] == "extra_forbidden":
+            msg, got = "unknown field", ""
+        lines.append(f"{source}: {where}{msg}{got}")
+    return "\n".join(lines)
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> JobSpec:
+    """Read, override and validate a job spec. Raises SpecError naming file and field."""
+    source = str(path) if path else "<defaults>"
+    raw: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise SpecError(f"{source}: cannot read spec: {e.strerror}") from e
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise SpecError(f"{source}: invalid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise SpecError(f"{source}: the spec must be a mapping of sections")
+    for key, value in parse_overrides(overrides or []).items():
+        try:
+            _set_dotted(raw, key, value)
+        except SpecError as e:
+            raise SpecError(f"{source}: {e}") from e
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(_format_errors(source, e)) from None
+    _check_corpus(spec.data, source)
+    if spec.tracking.run_name is None:
+        stem = Path(path).stem if path else "lmforge"
+        spec.tracking.run_name = f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    return spec
+
+
+def _check_corpus(data: DataConfig, source: str) -> None:
+    if data.path is None:
+        return
+    if not corpus_files(data.path):
+        raise SpecError(f"{source}: data.path: no corpus file found at {data.path!r}")
+
+
+def corpus_files(path: str) -> list[str]:
+    """Files a `data.path` names: itself, the supported files in a directory, or a glob."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [str(p)]
+    if p.is_dir():
+        return sorted(
+            str(f) for f in p.rglob("*") if f.is_file() and f.suffix in _SUFFIXES
+        )
+    return sorted(f for f in glob.glob(os.path.expanduser(path), recursive=True)
+                  if os.path.isfile(f))
+
+
+_SUFFIXES = {".txt", ".text", ".md", ".json", ".jsonl", ".parquet"}
+
+
+def resolve_tracking_uri(tracking: TrackingConfig, runs_dir: Path) -> str:
+    """The tracking URI every process uses, made absolute so no process depends on its cwd."""
+    uri = tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{(runs_dir / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    if "://" not in uri:  # a bare directory: MLflow's file store
+        return str(Path(uri).resolve())
+    return uri
