@@ -1,0 +1,3 @@
+from lmforge.cli import app
+
+app(prog_name="lmforge")

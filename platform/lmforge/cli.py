@@ -1,0 +1,193 @@
+"""The `lmforge` command. Thin: parse, validate, call the library, print, exit.
+
+Every command that takes a SPEC also takes overrides as trailing `key.sub=value` words,
+e.g. `lmforge train jobs/quickstart.yaml train.steps=50 model.n_layer=2`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from lmforge.config import JobSpec, SpecError, load, resolve_tracking_uri
+
+app = typer.Typer(
+    help="Train, tune, track and serve language models on Ray from one YAML job spec.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err = Console(stderr=True)
+
+SpecArg = Annotated[Path, typer.Argument(help="Job spec YAML file.", show_default=False)]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="Spec overrides as key.sub=value, e.g. train.steps=50.",
+                   show_default=False),
+]
+Address = Annotated[str, typer.Option(
+    "--address", envvar="RAY_ADDRESS",
+    help="Ray dashboard address of the cluster, e.g. http://127.0.0.1:8265.")]
+
+
+def _load(spec: Path | None, overrides: list[str] | None) -> JobSpec:
+    """Validate before anything heavy starts; a bad spec exits 2 with file and field named."""
+    try:
+        return load(spec, overrides or [])
+    except SpecError as e:
+        err.print(f"[bold red]invalid spec[/] {e}", highlight=False, markup=True)
+        raise typer.Exit(2) from None
+
+
+def _finish(summary: dict[str, Any]) -> None:
+    import ray
+
+    ray.shutdown()  # before the summary, so it stays the last line on stdout
+    print(json.dumps(summary, default=str), flush=True)
+
+
+def _execute(spec: JobSpec, search: bool, register: bool, serve_check: bool) -> None:
+    from lmforge.pipeline import Stages, execute
+
+    _finish(execute(spec, Stages(search=search, register=register, serve_check=serve_check)))
+
+
+@app.command()
+def validate(spec: SpecArg, overrides: Overrides = None) -> None:
+    """Check a spec (and overrides) without running anything; exit 2 naming any bad field."""
+    job = _load(spec, overrides)
+    err.print(f"[green]ok[/] {spec}: run {job.tracking.run_name}, "
+              f"{'tune ' + str(job.tune.num_trials) + ' trials' if job.tune.enabled else 'train'}"
+              f" x {job.train.steps} steps on {job.train.workers} workers")
+    print(job.model_dump_json())
+
+
+@app.command()
+def run(spec: SpecArg, overrides: Overrides = None) -> None:
+    """Every stage the spec enables: data, tune (or train), register, serve check.
+
+    Ends with summary.json in runs/RUN_NAME/ and the same JSON as the last stdout line.
+    """
+    job = _load(spec, overrides)
+    _execute(job, search=job.tune.enabled, register=job.registry.enabled,
+             serve_check=job.registry.enabled and job.serve.enabled)
+    if job.registry.enabled:
+        err.print(f"Keep the endpoint up with: [bold]lmforge serve "
+                  f"models:/{job.registry.model_name}@{job.registry.alias}[/]")
+
+
+@app.command()
+def train(spec: SpecArg, overrides: Overrides = None) -> None:
+    """Data and one distributed training run (registered when registry.enabled)."""
+    job = _load(spec, overrides)
+    _execute(job, search=False, register=job.registry.enabled, serve_check=False)
+
+
+@app.command()
+def tune(spec: SpecArg, overrides: Overrides = None) -> None:
+    """Data and a hyperparameter search (Optuna TPE + ASHA); registers the best trial."""
+    job = _load(spec, overrides)
+    _execute(job, search=True, register=job.registry.enabled, serve_check=False)
+
+
+@app.command()
+def serve(
+    model_uri: Annotated[str, typer.Argument(
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a HF model directory.",
+        show_default=False)],
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="Serve settings as serve.key=value, e.g. serve.port=8001.", show_default=False)]
+    = None,
+    spec: Annotated[Path | None, typer.Option(help="Take serve and tracking settings from "
+                                              "this spec.")] = None,
+) -> None:
+    """Deploy a model as an OpenAI-compatible endpoint; runs until interrupted (Ctrl-C)."""
+    import functools
+
+    from ray import serve as ray_serve
+
+    from lmforge.pipeline import init_ray
+    from lmforge.registry import load_model
+    from lmforge.serve import build_app, deploy
+
+    job = _load(spec, overrides)
+    tracking_uri = resolve_tracking_uri(job.tracking, Path("runs"))
+    init_ray()
+    url = deploy(build_app(functools.partial(load_model, model_uri, tracking_uri), job.serve),
+                 job.serve)
+    err.print(f"Serving [bold]{model_uri}[/] at {url}/v1/completions (Ctrl-C stops)")
+    print(json.dumps({"url": url, "model_uri": model_uri}), flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ray_serve.shutdown()
+
+
+@app.command()
+def submit(
+    spec: SpecArg,
+    overrides: Overrides = None,
+    address: Address = "http://127.0.0.1:8265",
+    wait: Annotated[bool, typer.Option(help="Stream logs; exit 0 only if the job succeeds.")]
+    = False,
+) -> None:
+    """Send `lmforge run SPEC` to a Ray cluster through the Jobs API; print the job id.
+
+    The project directory is the job's working_dir; the MLflow tracking URI travels as
+    MLFLOW_TRACKING_URI. Ray's token auth (~/.ray/auth_token) is used when present.
+    """
+    from lmforge import jobs
+
+    job = _load(spec, overrides)
+    env = {"MLFLOW_TRACKING_URI": resolve_tracking_uri(job.tracking, Path("runs"))}
+    job_id = jobs.submit(address, spec, overrides or [], job.tracking.run_name or "lmforge",
+                         Path.cwd(), env)
+    print(job_id, flush=True)
+    if wait:
+        final = jobs.follow(address, job_id)
+        err.print(f"job {job_id}: {final}")
+        raise typer.Exit(0 if final == "SUCCEEDED" else 1)
+
+
+@app.command()
+def status(job_id: str, address: Address = "http://127.0.0.1:8265") -> None:
+    """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from lmforge import jobs
+
+    print(jobs.status(address, job_id))
+
+
+@app.command()
+def logs(
+    job_id: str,
+    address: Address = "http://127.0.0.1:8265",
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")]
+    = False,
+) -> None:
+    """Print a submitted job's logs."""
+    from lmforge import jobs
+
+    if follow:
+        jobs.follow(address, job_id)
+    else:
+        sys.stdout.write(jobs.logs(address, job_id))
+
+
+@app.command()
+def stop(job_id: str, address: Address = "http://127.0.0.1:8265") -> None:
+    """Stop a submitted job (its workers are stopped with it)."""
+    from lmforge import jobs
+
+    print("stopped" if jobs.stop(address, job_id) else "already finished")
+
+
+if __name__ == "__main__":
+    app()

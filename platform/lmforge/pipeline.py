@@ -1,0 +1,139 @@
+"""The stages wired together: data -> train or tune -> register -> serve check.
+
+`execute` is what `lmforge run|train|tune` call; each stage gets its section of the spec
+as a typed argument, and the one MLflow tracking URI is resolved once, here.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata as md
+import json
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ray
+
+from lmforge.config import JobSpec, resolve_tracking_uri
+from lmforge.data import PreparedData, prepare_data
+from lmforge.registry import Registered, load_model, register
+from lmforge.tracking import RunTracker, experiment_id, flatten
+
+
+@dataclass(frozen=True)
+class Stages:
+    search: bool
+    register: bool
+    serve_check: bool
+
+
+def init_ray(**kwargs: Any) -> None:
+    """Join the cluster this process was submitted to ($RAY_ADDRESS, as Ray Jobs set it), or
+    start a private local one. Never attach to some other cluster by accident."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True, **kwargs)
+
+
+def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs")) -> dict[str, Any]:
+    start = time.perf_counter()
+    run_name = spec.tracking.run_name or "lmforge"
+    run_dir = runs_dir / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    data = prepare_data(spec.data, spec.tokenizer, spec.model.block_size)
+    print(f"[lmforge] data {data.fingerprint}: {data.train_tokens:,} train / "
+          f"{data.val_tokens:,} validation tokens, vocab {data.vocab_size}", flush=True)
+
+    uri = resolve_tracking_uri(spec.tracking, runs_dir)
+    exp = experiment_id(uri, spec.tracking.experiment, runs_dir / "mlartifacts")
+    run = RunTracker.start(uri, exp, run_name, tags=_lineage(data))
+    _log_spec(run, spec, data)
+    init_ray()
+    try:
+        summary: dict[str, Any] = {"run_name": run_name, "mlflow_run_id": run.run_id,
+                                   "tracking_uri": uri, "data_fingerprint": data.fingerprint}
+        if stages.search:
+            from lmforge.tune import run_search
+
+            outcome = run_search(spec, data, run, exp, name=run_name)
+            best = outcome.best
+            run.log_dict([asdict(t) for t in outcome.trials], "trials.json")
+            run.log_params({f"best.{k}": v for k, v in best.config.items()})
+            summary |= {"trials": len(outcome.trials), "best_config": best.config,
+                        "best_trial_run_id": best.mlflow_run_id}
+            checkpoint, model_run = best.checkpoint, RunTracker(uri, best.mlflow_run_id)
+            result = {"steps": best.steps, "val_loss": best.val_loss,
+                      "best_val_loss": best.best_val_loss, "tokens_per_s": best.tokens_per_s}
+        else:
+            from lmforge.train import run_training
+
+            outcome = run_training(spec, data, run, name=run_name)
+            run.log_loss_curve()
+            checkpoint, model_run = outcome.checkpoint, run
+            result = {"steps": outcome.steps, "val_loss": outcome.val_loss,
+                      "best_val_loss": outcome.best_val_loss,
+                      "tokens_per_s": outcome.tokens_per_s}
+        summary |= result | {"checkpoint": checkpoint}
+        run.log_metrics({f"final_{k}": v for k, v in result.items()}, step=result["steps"])
+
+        if stages.register:
+            registered = register(
+                str(checkpoint), model_run, spec.registry, max_new_tokens=32,
+                tags={"lmforge.run_id": run.run_id, "lmforge.data_fingerprint": data.fingerprint,
+                      "lmforge.val_loss": result["best_val_loss"], "lmforge.spec": spec_json(spec)},
+            )
+            summary |= {"registered_model": registered.name,
+                        "registered_version": registered.version, "model_uri": registered.uri}
+            if stages.serve_check:
+                summary["completion"] = serve_check(spec, registered, uri)
+        summary["wall_s"] = round(time.perf_counter() - start, 2)
+        run.finish()
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def serve_check(spec: JobSpec, registered: Registered, tracking_uri: str) -> dict[str, Any]:
+    """Deploy the registered model, send one real HTTP completion, and shut Serve down."""
+    from ray import serve
+
+    from lmforge.serve import build_app, deploy
+
+    loader = functools.partial(load_model, registered.uri, tracking_uri)
+    url = deploy(build_app(loader, spec.serve), spec.serve)
+    try:
+        body = {"prompt": "The ", "max_tokens": 24, "temperature": 0.8, "seed": 0}
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        reply.raise_for_status()
+        text = reply.json()["choices"][0]["text"]
+        print(f"[lmforge] {url}/v1/completions {body['prompt']!r} -> {text!r}", flush=True)
+        return {"url": url, "prompt": body["prompt"], "text": text}
+    finally:
+        serve.shutdown()
+
+
+def spec_json(spec: JobSpec) -> str:
+    return json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+
+
+def _lineage(data: PreparedData) -> dict[str, str]:
+    tags = {"lmforge.data_fingerprint": data.fingerprint,
+            "lmforge.versions": json.dumps({p: md.version(p) for p in (
+                "lmforge", "ray", "torch", "transformers", "datasets", "tokenizers", "mlflow")})}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if commit.returncode == 0:
+        tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    return tags
+
+
+def _log_spec(run: RunTracker, spec: JobSpec, data: PreparedData) -> None:
+    run.log_params(flatten(spec.model_dump(mode="json")))
+    run.log_dict(spec.model_dump(mode="json"), "spec.yaml")
+    run.log_artifacts(data.tokenizer_dir, "tokenizer")
