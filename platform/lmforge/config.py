@@ -330,10 +330,22 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> JobSpec
     except ValidationError as e:
         raise SpecError(_format_errors(source, e)) from None
     _check_corpus(spec.data, source)
+    _make_paths_absolute(spec)
     if spec.tracking.run_name is None:
         stem = Path(path).stem if path else "lmforge"
         spec.tracking.run_name = f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
     return spec
+
+
+def _make_paths_absolute(spec: JobSpec) -> None:
+    """Resolve local paths against the current directory once, here: Ray workers, trial
+    drivers and replicas run with other working directories."""
+    for section, field in (("data", "path"), ("data", "cache_dir"), ("train", "storage_path"),
+                           ("tune", "storage_path")):
+        owner = getattr(spec, section)
+        value = getattr(owner, field)
+        if value is not None and "://" not in value:
+            setattr(owner, field, str(Path(value).expanduser().resolve()))
 
 
 def _check_corpus(data: DataConfig, source: str) -> None:

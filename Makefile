@@ -1,0 +1,36 @@
+# lmforge: the commands people type. Python 3.11; nothing needs to be installed beforehand.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install quickstart test test-unit test-integration bench lint clean
+
+install: $(STAMP)  ## create or update .venv with lmforge and its dev extras
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+quickstart: install  ## data -> tune -> register -> serve one completion, on jobs/quickstart.yaml
+	$(BIN)/lmforge run jobs/quickstart.yaml
+
+test: install  ## the whole suite: unit (seconds, no Ray) then integration (real Ray, MLflow, HTTP)
+	$(BIN)/python -m pytest tests/unit tests/integration
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: install
+	$(BIN)/python -m pytest tests/integration
+
+bench: install  ## training throughput against a bare PyTorch loop (see bench/README)
+	$(BIN)/python bench/train.py
+
+lint: install
+	$(BIN)/ruff check platform tests bench
+
+clean:
+	rm -rf runs .pytest_cache

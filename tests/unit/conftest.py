@@ -1,0 +1,113 @@
+"""Shared fixtures for the unit tests: small corpora, a char tokenizer, a tiny GPT-2.
+
+Nothing here starts Ray or touches the network; every file goes under a pytest tmp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from lmforge.config import ModelConfig, TokenizerConfig
+from lmforge.data.tokenizer import build_tokenizer
+from lmforge.model import build_model
+
+_WORDS = (
+    "the a model token stream batch worker ray train tune serve cluster loss step rate "
+    "decay warmup shard block corpus data text line file spec field value python code "
+    "quick brown fox jumps over lazy dog alpha beta gamma delta epsilon zeta eta theta"
+).split()
+
+
+def make_text(seed: int, paragraphs: int = 6) -> str:
+    """A few hundred bytes of varied text per paragraph: words, digits, punctuation, code."""
+    rng = random.Random(seed)
+    out = []
+    for p in range(paragraphs):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(30, 60))]
+        sentence = " ".join(words).capitalize() + f". Number {rng.randint(0, 99999)}!"
+        code = f"def f_{p}(x):\n    return x * {rng.randint(2, 9)}  # {rng.choice(_WORDS)}\n"
+        out.append(sentence + "\n" + code)
+    return "\n".join(out)
+
+
+CORPUS_TEXT = make_text(0, paragraphs=12)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolate_hf_datasets(tmp_path_factory: pytest.TempPathFactory):
+    """`datasets` caches parsed local files; keep that cache in a tmp dir, offline."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf-datasets"))
+    mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("TOKENIZERS_PARALLELISM", "false")
+    datasets.disable_progress_bars()
+    yield
+    mp.undo()
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path) -> Callable[..., Path]:
+    """write_spec("train: {steps: 5}") -> path of a YAML spec file in tmp_path."""
+
+    def write(body: str, name: str = "spec.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(body)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def write_jsonl(tmp_path: Path) -> Callable[..., Path]:
+    def write(rows: list[dict], name: str = "corpus.jsonl") -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def write_stream(tmp_path: Path) -> Callable[..., str]:
+    """write_stream(n) -> path of an .npy token stream 0, 1, ..., n-1 (so a token is its
+    own position, which makes windows easy to check)."""
+
+    def write(n: int, name: str = "stream.npy") -> str:
+        path = tmp_path / name
+        np.save(path, np.arange(n, dtype=np.uint16))
+        return str(path)
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def char_tok():
+    """A character tokenizer over CORPUS_TEXT (about 45 symbols plus <|endoftext|>)."""
+    return build_tokenizer(TokenizerConfig(kind="char"),
+                           datasets.Dataset.from_dict({"text": [CORPUS_TEXT]}))
+
+
+TINY = ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=64)
+
+
+@pytest.fixture
+def tiny_model(char_tok):
+    """A randomly initialised 1-layer GPT-2 (fixed seed) over the char vocabulary."""
+    torch.manual_seed(0)
+    return build_model(TINY, len(char_tok), char_tok.eos_token_id).eval()
+
+
+@pytest.fixture
+def tokenizer_dir(char_tok, tmp_path: Path) -> str:
+    d = tmp_path / "tokenizer"
+    char_tok.save_pretrained(d)
+    return str(d)
