@@ -83,7 +83,8 @@ def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs")) -> dic
 
         if stages.register:
             registered = register(
-                str(checkpoint), model_run, spec.registry, max_new_tokens=32,
+                str(checkpoint), model_run, spec.registry,
+                max_new_tokens=min(32, spec.model.block_size // 2),
                 tags={"lmforge.run_id": run.run_id, "lmforge.data_fingerprint": data.fingerprint,
                       "lmforge.val_loss": result["best_val_loss"], "lmforge.spec": spec_json(spec)},
             )

@@ -41,6 +41,17 @@ def make_text(seed: int, paragraphs: int = 6) -> str:
 CORPUS_TEXT = make_text(0, paragraphs=12)
 
 
+@pytest.fixture(scope="session")
+def corpus_text() -> str:
+    """About 4 KB of varied text: prose, digits, punctuation, indented code."""
+    return CORPUS_TEXT
+
+
+@pytest.fixture(name="make_text", scope="session")
+def make_text_fixture() -> Callable[..., str]:
+    return make_text
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolate_hf_datasets(tmp_path_factory: pytest.TempPathFactory):
     """`datasets` caches parsed local files; keep that cache in a tmp dir, offline."""

@@ -1,0 +1,290 @@
+"""Data stage: tokenizers, packing + split + fingerprint cache, and the worker-side shards."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+import lmforge.data.packing as packing
+from lmforge.config import DataConfig, TokenizerConfig
+from lmforge.data import BlockShard, ValidationSet, prepare_data
+from lmforge.data.tokenizer import EOS, build_tokenizer
+
+ROUND_TRIP = [
+    "Hello world!\nSecond line.\n",
+    "two  spaces,   three spaces\n\n\nand blank lines",
+    "  leading and trailing whitespace \t\n",
+    "def f(x):\n    return {'a': [1, 2]}  # ~`|\\^\n",
+]
+
+
+def corpus(*texts: str) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"text": list(texts)})
+
+
+def cfg(tmp_path, **data) -> DataConfig:
+    return DataConfig(cache_dir=str(tmp_path / "cache"), **data)
+
+
+def whole_stream(prepared) -> np.ndarray:
+    return np.concatenate([np.load(prepared.train_path), np.load(prepared.val_path)])
+
+
+# --- tokenizers ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus_text):
+    return build_tokenizer(TokenizerConfig(kind="bpe", vocab_size=300), corpus(corpus_text))
+
+
+def test_bpe_vocab_size_and_eos(bpe):
+    assert 256 < len(bpe) <= 300
+    assert bpe.eos_token == EOS == "<|endoftext|>"
+    assert bpe.convert_tokens_to_ids(EOS) == bpe.eos_token_id
+    assert bpe.pad_token_id == bpe.eos_token_id  # batched serving pads with eos
+
+
+def test_bpe_learns_merges(bpe):
+    # Trained on the corpus, common words take fewer tokens than bytes.
+    text = "the model token stream"
+    assert len(bpe.encode(text, add_special_tokens=False)) < len(text.encode())
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP + ["unseen bytes: naïve café ☃ 中文"])
+def test_bpe_round_trips_text(bpe, text):
+    ids = bpe.encode(text, add_special_tokens=False)
+    assert bpe.decode(ids) == text
+
+
+def test_char_vocab_is_distinct_chars_plus_eos(char_tok, corpus_text):
+    assert len(char_tok) == len(set(corpus_text)) + 1
+    assert char_tok.eos_token == EOS
+    assert char_tok.convert_tokens_to_ids(EOS) == char_tok.eos_token_id
+
+
+@pytest.mark.parametrize("text", ["a  b\n\nc", "x\n", "  two  spaces  ", "\n\n\n"])
+def test_char_round_trips_text_exactly(text):
+    tok = build_tokenizer(TokenizerConfig(kind="char"), corpus("a b c x y z two spaces\n"))
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) == len(text)  # one token per character, newlines and spaces included
+    assert tok.decode(ids) == text
+
+
+def test_char_round_trips_the_corpus(char_tok, corpus_text):
+    ids = char_tok.encode(corpus_text, add_special_tokens=False)
+    assert char_tok.eos_token_id not in ids
+    assert char_tok.decode(ids) == corpus_text
+
+
+# --- prepare_data: packing, split, cache -------------------------------------------------
+
+
+@pytest.fixture
+def two_docs(tmp_path, make_text):
+    d = tmp_path / "docs"
+    d.mkdir()
+    a, b = make_text(1, paragraphs=4), make_text(2, paragraphs=4)
+    (d / "a.txt").write_text(a)
+    (d / "b.txt").write_text(b)
+    return d, a, b
+
+
+CHAR = TokenizerConfig(kind="char")
+
+
+def test_documents_are_separated_by_eos(tmp_path, two_docs):
+    d, a, b = two_docs
+    prepared = prepare_data(cfg(tmp_path, path=str(d), sample_by="document"), CHAR, 16)
+    stream = whole_stream(prepared)
+    assert prepared.tokenizer().decode(stream) == a + EOS + b + EOS
+    assert list(np.flatnonzero(stream == prepared.eos_id)) == [len(a), len(a) + 1 + len(b)]
+
+
+def test_sample_by_line_makes_one_document_per_line(tmp_path):
+    text = "first line\nsecond line\nthird line\n" * 20
+    (tmp_path / "lines.txt").write_text(text)
+    prepared = prepare_data(cfg(tmp_path, path=str(tmp_path / "lines.txt"), sample_by="line"),
+                            CHAR, 8)
+    stream = whole_stream(prepared)
+    assert int((stream == prepared.eos_id).sum()) == 60
+
+
+@pytest.mark.parametrize("val_fraction", [0.05, 0.1, 0.3])
+def test_split_sizes_follow_val_fraction(tmp_path, two_docs, val_fraction):
+    d, a, b = two_docs
+    prepared = prepare_data(cfg(tmp_path, path=str(d), val_fraction=val_fraction), CHAR, 16)
+    total = len(a) + len(b) + 2
+    assert prepared.train_tokens + prepared.val_tokens == total
+    assert prepared.val_tokens == int(total * val_fraction)
+    assert len(np.load(prepared.train_path)) == prepared.train_tokens
+    assert len(np.load(prepared.val_path)) == prepared.val_tokens
+    # Validation is the tail of the stream.
+    tail = prepared.tokenizer().decode(np.load(prepared.val_path))
+    assert (a + EOS + b + EOS).endswith(tail)
+
+
+def test_prepared_data_describes_its_files(tmp_path, two_docs):
+    d, _, _ = two_docs
+    prepared = prepare_data(cfg(tmp_path, path=str(d)), CHAR, 16)
+    assert prepared.dir.startswith(str(tmp_path / "cache"))
+    assert prepared.dir.endswith(prepared.fingerprint)
+    assert prepared.vocab_size == len(prepared.tokenizer())
+    assert prepared.eos_id == prepared.tokenizer().eos_token_id
+    assert np.load(prepared.train_path).dtype == np.uint16
+
+
+def test_bpe_prepare_data_records_vocab(tmp_path, two_docs):
+    d, a, b = two_docs
+    prepared = prepare_data(cfg(tmp_path, path=str(d)),
+                            TokenizerConfig(kind="bpe", vocab_size=300), 16)
+    tok = prepared.tokenizer()
+    assert prepared.vocab_size == len(tok) <= 300
+    assert tok.decode(whole_stream(prepared)) == a + EOS + b + EOS
+
+
+def test_second_prepare_reuses_the_cache(tmp_path, two_docs, monkeypatch):
+    d, _, _ = two_docs
+    data = cfg(tmp_path, path=str(d))
+    first = prepare_data(data, CHAR, 16)
+    mtime = (tmp_path / "cache" / first.fingerprint / "meta.json").stat().st_mtime_ns
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("prepare_data rebuilt a cached entry")
+
+    monkeypatch.setattr(packing, "_build", no_rebuild)
+    second = prepare_data(data, CHAR, 16)
+    assert second == first
+    assert (tmp_path / "cache" / first.fingerprint / "meta.json").stat().st_mtime_ns == mtime
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.fingerprint]
+
+
+def test_fingerprint_changes_with_text_and_settings(tmp_path, two_docs):
+    d, a, _ = two_docs
+    data = cfg(tmp_path, path=str(d))
+    base = prepare_data(data, CHAR, 16).fingerprint
+    bpe_fp = prepare_data(data, TokenizerConfig(kind="bpe", vocab_size=300), 16).fingerprint
+    bpe_other = prepare_data(data, TokenizerConfig(kind="bpe", vocab_size=280), 16).fingerprint
+    split_fp = prepare_data(cfg(tmp_path, path=str(d), val_fraction=0.2), CHAR, 16).fingerprint
+    (d / "a.txt").write_text(a + "one more sentence.\n")
+    text_fp = prepare_data(data, CHAR, 16).fingerprint
+    assert len({base, bpe_fp, bpe_other, split_fp, text_fp}) == 5
+
+
+def test_jsonl_corpus_with_custom_text_field(tmp_path, write_jsonl, make_text):
+    docs = [make_text(i, paragraphs=2) for i in range(3)]
+    path = write_jsonl([{"id": i, "body": t} for i, t in enumerate(docs)])
+    prepared = prepare_data(cfg(tmp_path, path=str(path), text_field="body"), CHAR, 16)
+    assert prepared.tokenizer().decode(whole_stream(prepared)) == "".join(t + EOS for t in docs)
+
+
+def test_wrong_text_field_is_named(tmp_path, write_jsonl, make_text):
+    path = write_jsonl([{"body": make_text(0)}])
+    with pytest.raises(ValueError, match="data.text_field") as info:
+        prepare_data(cfg(tmp_path, path=str(path), text_field="text"), CHAR, 16)
+    assert "body" in str(info.value)  # the columns that do exist are listed
+
+
+def test_corpus_smaller_than_a_block_is_refused(tmp_path):
+    (tmp_path / "tiny.txt").write_text("only a few characters here\n" * 3)
+    with pytest.raises(ValueError, match="model.block_size"):
+        prepare_data(cfg(tmp_path, path=str(tmp_path / "tiny.txt")), CHAR, 64)
+
+
+def test_mixed_file_kinds_are_refused(tmp_path, write_jsonl):
+    (tmp_path / "a.txt").write_text("text\n")
+    write_jsonl([{"text": "json"}], name="b.jsonl")
+    with pytest.raises(ValueError, match="data.path"):
+        prepare_data(cfg(tmp_path, path=str(tmp_path)), CHAR, 8)
+
+
+# --- BlockShard / ValidationSet ------------------------------------------------------
+
+BLOCK = 8
+
+
+def shard(path: str, rank: int = 0, world: int = 2, seed: int = 7, batch: int = 3) -> BlockShard:
+    return BlockShard(path, BLOCK, rank, world, seed, batch)
+
+
+def starts(x: torch.Tensor) -> set[int]:
+    """With the stream 0..n-1 a block's first token is its start position."""
+    return {int(s) for s in x[:, 0]}
+
+
+def test_targets_are_inputs_shifted_by_one(write_stream):
+    path = write_stream(BLOCK * 40 + 1)
+    stream = np.load(path)
+    x, y = shard(path).batch(0)
+    assert x.shape == y.shape == (3, BLOCK)
+    assert x.dtype == torch.int64
+    for row_x, row_y in zip(x, y, strict=True):
+        s = int(row_x[0])
+        assert s % BLOCK == 0
+        assert row_x.tolist() == stream[s : s + BLOCK].tolist()
+        assert row_y.tolist() == stream[s + 1 : s + BLOCK + 1].tolist()
+
+
+def test_ranks_get_disjoint_blocks_within_an_epoch(write_stream):
+    path = write_stream(BLOCK * 40 + 1)
+    seen = []
+    for rank in (0, 1):
+        s = shard(path, rank=rank)
+        epoch = [starts(s.batch(step)[0]) for step in range(s.batches_per_epoch)]
+        blocks = set().union(*epoch)
+        assert len(blocks) == s.batches_per_epoch * 3  # no block repeats within a rank
+        seen.append(blocks)
+    assert seen[0].isdisjoint(seen[1])
+
+
+def test_batches_are_a_function_of_seed_and_step(write_stream):
+    path = write_stream(BLOCK * 40 + 1)
+    run = shard(path)
+    uninterrupted = [run.batch(step) for step in range(12)]
+    resumed = shard(path)  # a fresh process resuming at step 5
+    for step in range(5, 12):
+        x, y = resumed.batch(step)
+        assert torch.equal(x, uninterrupted[step][0])
+        assert torch.equal(y, uninterrupted[step][1])
+    other_seed = shard(path, seed=8)
+    assert any(not torch.equal(other_seed.batch(i)[0], uninterrupted[i][0]) for i in range(6))
+
+
+def test_each_epoch_is_reshuffled(write_stream):
+    path = write_stream(BLOCK * 40 + 1)
+    s = shard(path)
+    n = s.batches_per_epoch
+    assert n > 1
+    epoch0 = [starts(s.batch(i)[0]) for i in range(n)]
+    epoch1 = [starts(s.batch(n + i)[0]) for i in range(n)]
+    assert set().union(*epoch0) != set() and epoch0 != epoch1
+
+
+def test_micro_batch_larger_than_shard_is_refused(write_stream):
+    path = write_stream(BLOCK * 10 + 1)  # 10 blocks, 5 per rank
+    with pytest.raises(ValueError, match="train.micro_batch_size"):
+        shard(path, batch=6)
+
+
+def test_validation_set_is_the_same_every_pass(write_stream):
+    path = write_stream(BLOCK * 30 + 1)
+    val = ValidationSet(path, BLOCK, rank=1, world_size=2, batch_size=4, max_batches=3)
+    first, second = list(val), list(val)
+    assert len(first) == 3
+    for (x1, y1), (x2, y2) in zip(first, second, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+        assert torch.equal(y1[:, :-1], x1[:, 1:])
+    other = ValidationSet(path, BLOCK, rank=0, world_size=2, batch_size=4, max_batches=3)
+    rank0 = set().union(*(starts(x) for x, _ in other))
+    rank1 = set().union(*(starts(x) for x, _ in first))
+    assert rank0.isdisjoint(rank1)
+
+
+def test_tiny_validation_split_is_shared_by_many_ranks(write_stream):
+    path = write_stream(BLOCK + 1)  # one block
+    val = ValidationSet(path, BLOCK, rank=3, world_size=4, batch_size=2, max_batches=5)
+    batches = list(val)
+    assert len(batches) == 1
+    assert batches[0][0].tolist() == [list(range(BLOCK))]

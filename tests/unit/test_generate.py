@@ -1,0 +1,153 @@
+"""Batched generation with per-request settings, and the OpenAI request schema."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from lmforge.data.tokenizer import EOS
+from lmforge.serve.generate import GenerationParams, generate_batch
+from lmforge.serve.schemas import CompletionRequest, CompletionResponse, error_body
+
+PROMPTS = ["the", "quick brown fox jumps", "a", "def f_1(x):\n    return"]
+
+
+@pytest.fixture
+def gen(tiny_model, char_tok):
+    """gen(*requests) -> their Generations, decoded together as one batch."""
+
+    def run(*requests: GenerationParams, model=tiny_model):
+        return generate_batch(model, char_tok, list(requests))
+
+    return run
+
+
+@pytest.fixture
+def request_for(char_tok):
+    """request_for(prompt, max_tokens=16, **params) -> GenerationParams."""
+
+    def make(prompt: str, max_tokens: int = 16, **params) -> GenerationParams:
+        return GenerationParams(prompt_ids=char_tok.encode(prompt, add_special_tokens=False),
+                                max_tokens=max_tokens, **params)
+
+    return make
+
+
+def test_greedy_output_is_the_same_alone_and_in_a_batch(gen, request_for):
+    requests = [request_for(p, temperature=0) for p in PROMPTS]
+    alone = [gen(r)[0] for r in requests]
+    batched = gen(*requests)
+    assert len({len(r.prompt_ids) for r in requests}) == len(requests)  # real left padding
+    for a, b in zip(alone, batched, strict=True):
+        assert b.token_ids == a.token_ids
+        assert b.text == a.text
+        assert b.finish_reason == a.finish_reason
+
+
+def test_seeded_sample_is_the_same_alone_and_in_a_batch(gen, request_for):
+    seeded = request_for("the", temperature=1.0, seed=11)
+    others = [request_for(p, temperature=1.0, seed=i) for i, p in enumerate(PROMPTS)]
+    alone = gen(seeded)[0]
+    assert gen(others[1], seeded, others[3])[1].token_ids == alone.token_ids
+
+
+def test_max_tokens_is_respected_per_request(gen, request_for):
+    limits = [1, 4, 9, 20]
+    outs = gen(*(request_for(p, max_tokens=n, temperature=1.0, seed=0)
+                 for p, n in zip(PROMPTS, limits, strict=True)))
+    for out, limit in zip(outs, limits, strict=True):
+        assert len(out.token_ids) <= limit
+        if len(out.token_ids) < limit:
+            assert out.finish_reason == "stop"
+    greedy = gen(request_for("the", max_tokens=7, temperature=0))[0]
+    assert len(greedy.token_ids) == 7 and greedy.finish_reason == "length"
+
+
+def test_same_seed_same_text_different_seeds_differ(gen, request_for):
+    def sample(seed: int) -> list[int]:
+        return gen(request_for("the", max_tokens=24, temperature=1.0, seed=seed))[0].token_ids
+
+    assert sample(5) == sample(5)
+    assert len({tuple(sample(seed)) for seed in range(6)}) > 1
+
+
+def test_temperature_zero_ignores_the_seed(gen, request_for):
+    a = gen(request_for("quick", temperature=0, seed=1))[0]
+    b = gen(request_for("quick", temperature=0, seed=2))[0]
+    assert a.token_ids == b.token_ids
+
+
+def test_tiny_top_p_keeps_only_the_most_likely_token(gen, request_for):
+    greedy = gen(request_for("quick", temperature=0))[0]
+    for seed in range(3):
+        nucleus = gen(request_for("quick", temperature=1.0, top_p=1e-6, seed=seed))[0]
+        assert nucleus.token_ids == greedy.token_ids
+
+
+def test_stop_sequence_truncates_the_text(gen, request_for):
+    full = gen(request_for("quick brown", max_tokens=30, temperature=0))[0].text
+    stop = full[4:6]
+    cut = full.index(stop)
+    out = gen(request_for("quick brown", max_tokens=30, temperature=0, stop=(stop,)))[0]
+    assert out.text == full[:cut]
+    assert stop not in out.text
+    assert out.finish_reason == "stop"
+    assert len(out.token_ids) == cut + len(stop) < 30  # decoding stopped at the hit
+
+
+class ForceEos(torch.nn.Module):
+    """Wraps a model so that its `at_call`-th forward pass makes eos the only choice."""
+
+    def __init__(self, inner: torch.nn.Module, eos: int, at_call: int) -> None:
+        super().__init__()
+        self.inner, self.eos, self.at_call, self.calls = inner, eos, at_call, 0
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        self.calls += 1
+        if self.calls == self.at_call:
+            out.logits[:, -1, self.eos] = 1e4
+        return out
+
+
+def test_eos_ends_a_request_without_appearing_in_it(gen, request_for, tiny_model, char_tok):
+    model = ForceEos(tiny_model, char_tok.eos_token_id, at_call=4)
+    out = gen(request_for("the", max_tokens=10, temperature=0), model=model)[0]
+    assert len(out.token_ids) == 3
+    assert char_tok.eos_token_id not in out.token_ids
+    assert EOS not in out.text
+    assert out.finish_reason == "stop"
+
+
+# --- request schema ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_tokens", -1), ("max_tokens", 0), ("temperature", 3), ("temperature", -0.1),
+    ("top_p", 0), ("top_p", 1.5), ("n", 2), ("stream", True), ("prompt", ""),
+    ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]), ("best_of", 2),
+])
+def test_completion_request_rejects_bad_field(field, value):
+    body = {"prompt": "hello", field: value}
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate(body)
+    assert [e["loc"][0] for e in info.value.errors()] == [field]
+
+
+def test_completion_request_defaults_and_stop_list():
+    req = CompletionRequest.model_validate({"prompt": "hi", "stop": "\n"})
+    assert req.stop == ["\n"]
+    assert (req.max_tokens, req.temperature, req.top_p, req.n, req.stream) == (16, 1.0, 1.0,
+                                                                                 1, False)
+    assert CompletionRequest(prompt="hi").stop is None
+
+
+def test_completion_response_and_error_shapes():
+    body = {"model": "m", "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}
+    first, second = (CompletionResponse.model_validate(body) for _ in range(2))
+    assert first.id.startswith("cmpl-") and first.id != second.id
+    assert first.object == "text_completion"
+    assert error_body("bad", "max_tokens") == {"error": {
+        "message": "bad", "type": "invalid_request_error", "param": "max_tokens", "code": None}}
