@@ -55,7 +55,11 @@ def _finish(summary: dict[str, Any]) -> None:
 def _execute(spec: JobSpec, search: bool, register: bool, serve_check: bool) -> None:
     from lmforge.pipeline import Stages, execute
 
-    _finish(execute(spec, Stages(search=search, register=register, serve_check=serve_check)))
+    summary = execute(spec, Stages(search=search, register=register, serve_check=serve_check))
+    if register:
+        err.print(f"Registered {summary['model_uri']} (version {summary['registered_version']})."
+                  f" Keep an endpoint up with: [bold]lmforge serve {summary['model_uri']}[/]")
+    _finish(summary)
 
 
 @app.command()
@@ -77,9 +81,6 @@ def run(spec: SpecArg, overrides: Overrides = None) -> None:
     job = _load(spec, overrides)
     _execute(job, search=job.tune.enabled, register=job.registry.enabled,
              serve_check=job.registry.enabled and job.serve.enabled)
-    if job.registry.enabled:
-        err.print(f"Keep the endpoint up with: [bold]lmforge serve "
-                  f"models:/{job.registry.model_name}@{job.registry.alias}[/]")
 
 
 @app.command()

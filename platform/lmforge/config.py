@@ -160,6 +160,7 @@ class Choice(Section):
     values: list[Any] = Field(min_length=1)
 
 
+_DIM_TAGS = {"loguniform", "uniform", "int", "choice"}
 SearchDim = Annotated[LogUniform | Uniform | IntRange | Choice, Field(discriminator="type")]
 
 
@@ -267,8 +268,14 @@ class JobSpec(Section):
         return JobSpec.model_validate(raw)
 
 
+_SEARCH_SPACE = "tune.search_space."
+
+
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
+    if key.startswith(_SEARCH_SPACE):  # its keys are dotted paths themselves: train.lr
+        parents, leaf = ["tune", "search_space"], key.removeprefix(_SEARCH_SPACE)
+    else:
+        *parents, leaf = key.split(".")
     node = raw
     for part in parents:
         node = node.setdefault(part, {})
@@ -294,8 +301,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        parts = [str(p) for p in e["loc"]]
         # Discriminated unions add the tag to the location; keep the path a user wrote.
+        if parts[:2] == ["tune", "search_space"] and len(parts) > 3 and parts[3] in _DIM_TAGS:
+            del parts[3]
+        loc = ".".join(parts)
         msg = e["msg"].removeprefix("Value error, ")
         where = f"{loc}: " if loc else ""
         got = f" (got {e['input']!r})" if e["type"] not in {"missing", "value_error"} else ""
@@ -320,11 +330,11 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> JobSpec
             raise SpecError(f"{source}: invalid YAML: {e}") from e
         if not isinstance(raw, dict):
             raise SpecError(f"{source}: the spec must be a mapping of sections")
-    for key, value in parse_overrides(overrides or []).items():
-        try:
+    try:
+        for key, value in parse_overrides(overrides or []).items():
             _set_dotted(raw, key, value)
-        except SpecError as e:
-            raise SpecError(f"{source}: {e}") from e
+    except SpecError as e:
+        raise SpecError(f"{source}: {e}") from e
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:

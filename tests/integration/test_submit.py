@@ -25,7 +25,8 @@ def lmforge(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess
 
 @pytest.fixture
 def head_node(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """A `ray start --head --block` cluster with its own HOME (so its own auth token)."""
+    """A `ray start --head --block` cluster with token auth on and its own HOME, so its own
+    token in HOME/.ray/auth_token; clients get an env without RAY_AUTH_MODE, like a user's."""
     env = dict(os.environ, HOME=str(tmp_path / "home"),
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("RAY_AUTH_MODE", None)
@@ -35,7 +36,8 @@ def head_node(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
          f"--port={free_port()}", f"--dashboard-port={dashboard}", "--num-cpus=2",
          "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=dict(env, RAY_AUTH_MODE="token"), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_for_jobs_api(address, env, head)

@@ -192,7 +192,8 @@ def test_load_training_state_restores_weights_optimizer_and_step(trained):
     assert saved["state"].keys() == restored["state"].keys()
     for key, state in saved["state"].items():
         for name, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(restored["state"][key][name]))
+            other = restored["state"][key][name]
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(other)), (key, name)
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(trained):
