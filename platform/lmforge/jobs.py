@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shlex
 import time
@@ -13,18 +12,21 @@ from typing import Any
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+AGENT_WAIT_S = 60
 _EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/"]
 
 
 def _enable_token_auth() -> None:
     """Send the cluster's auth token. A `ray start --head` cluster enforces the token in
-    ~/.ray/auth_token, but Ray's HTTP clients only attach it when RAY_AUTH_MODE=token is
-    set; without it every Jobs API call is a 401. Users who chose a mode keep it."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if os.environ.get("RAY_AUTH_TOKEN") or token_file.exists():
-        os.environ["RAY_AUTH_MODE"] = "token"
+    ~/.ray/auth_token, but Ray's HTTP clients only attach it in token mode, which a client
+    process does not enter by itself: without this every Jobs API call is a 401. Ray's own
+    helper finds the token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and
+    refreshes Ray's cached config; an explicit RAY_AUTH_MODE is left as the user set it."""
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def client(address: str) -> JobSubmissionClient:
@@ -53,10 +55,20 @@ def submit(address: str, spec_path: Path, overrides: list[str], run_name: str,
     if (root / "platform" / "lmforge").is_dir():
         runtime_env["py_modules"] = [str(root / "platform" / "lmforge")]
     job_id = f"lmforge-{re.sub(r'[^A-Za-z0-9_-]', '-', run_name)}-{uuid.uuid4().hex[:6]}"
-    return client(address).submit_job(
-        entrypoint=shlex.join(args), runtime_env=runtime_env, submission_id=job_id,
-        metadata={"lmforge.run_name": run_name, "lmforge.spec": str(spec_path)},
-    )
+    jobs_client = client(address)
+    # A freshly started head answers the Jobs API before its job agent is up and says so
+    # with a 500; retry that one error for a bounded time instead of failing the user.
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return jobs_client.submit_job(
+                entrypoint=shlex.join(args), runtime_env=runtime_env, submission_id=job_id,
+                metadata={"lmforge.run_name": run_name, "lmforge.spec": str(spec_path)},
+            )
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def status(address: str, job_id: str) -> JobStatus:

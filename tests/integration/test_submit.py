@@ -23,37 +23,43 @@ def lmforge(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def head_node(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+@pytest.fixture(scope="module")
+def head_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
     """A `ray start --head --block` cluster with token auth on and its own HOME, so its own
     token in HOME/.ray/auth_token; clients get an env without RAY_AUTH_MODE, like a user's."""
+    tmp_path = tmp_path_factory.mktemp("head")
     env = dict(os.environ, HOME=str(tmp_path / "home"),
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("RAY_AUTH_MODE", None)
     env.pop("RAY_ADDRESS", None)
+    ray = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True)
     dashboard = free_port()
     head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+        [ray, "start", "--head", "--block",
          f"--port={free_port()}", f"--dashboard-port={dashboard}", "--num-cpus=2",
          "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
         env=dict(env, RAY_AUTH_MODE="token"), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+        stderr=(tmp_path / "ray-start.log").open("w"))
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        _wait_for_jobs_api(address, env, head)
+        _wait_for_jobs_api(address, env, head, tmp_path / "ray-start.log")
         yield address, env
     finally:
         head.terminate()  # --block: the head tears its whole cluster down on SIGTERM
         head.wait(timeout=60)
 
 
-def _wait_for_jobs_api(address: str, env: dict[str, str], head: subprocess.Popen) -> None:
+def _wait_for_jobs_api(address: str, env: dict[str, str], head: subprocess.Popen,
+                       log: Path) -> None:
     """Poll the Jobs API itself (with the token) until it answers; bounded, not a sleep."""
     probe = ("import sys; from lmforge.jobs import client; "
              "client(sys.argv[1]).list_jobs()")
     for _ in range(120):
         if head.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.returncode}")
+            raise RuntimeError(f"ray start exited with {head.returncode}: "
+                               f"{log.read_text()[-3000:]}")
         if subprocess.run([sys.executable, "-c", probe, address], env=env,
                           capture_output=True).returncode == 0:
             return
@@ -62,6 +68,7 @@ def _wait_for_jobs_api(address: str, env: dict[str, str], head: subprocess.Popen
 
 def test_submit_runs_spec_to_success(head_node, tmp_path: Path):
     address, env = head_node
+    env = dict(env)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = "tests/integration/specs/tiny.yaml"
     submitted = lmforge("submit", spec, f"serve.port={free_port()}", "train.steps=40",
