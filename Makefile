@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install quickstart test test-unit test-integration bench lint clean
+.PHONY: install quickstart test test-unit test-integration bench lint docs clean
 
 install: $(STAMP)  ## create or update .venv with lmforge and its dev extras
 
@@ -28,6 +28,9 @@ test-integration: install
 
 bench: install  ## training throughput against a bare PyTorch loop (see bench/README)
 	$(BIN)/python bench/train.py
+
+docs: install  ## regenerate the spec reference tables in README.md from config.py
+	$(BIN)/python -c "from pathlib import Path; from lmforge.config import with_spec_reference as w; p = Path('README.md'); p.write_text(w(p.read_text()))"
 
 lint: install
 	$(BIN)/ruff check platform tests bench

@@ -11,7 +11,8 @@ import glob
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -391,3 +392,44 @@ def resolve_tracking_uri(tracking: TrackingConfig, runs_dir: Path) -> str:
     if "://" not in uri:  # a bare directory: MLflow's file store
         return str(Path(uri).resolve())
     return uri
+
+
+def spec_reference() -> str:
+    """The spec's fields as Markdown tables, from the models' own docstrings (README uses it)."""
+    out = []
+    for section, field in JobSpec.model_fields.items():
+        model = field.annotation
+        out += [f"#### `{section}`", "", "| field | type | default | meaning |",
+                "| --- | --- | --- | --- |"]
+        for name, f in model.model_fields.items():
+            kind = _type_name(f.annotation).replace("|", "\\|")
+            default = f.default_factory() if f.default_factory else f.default
+            doc = " ".join((f.description or "").split()).replace("|", "\\|")
+            out.append(f"| `{section}.{name}` | {kind} | `{default!r}` | {doc} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return " | ".join(str(a) for a in get_args(annotation))
+    if annotation is None or annotation is type(None):
+        return "None"
+    if get_origin(annotation) in (UnionType, Union):
+        return " | ".join(_type_name(a) for a in get_args(annotation))
+    if get_origin(annotation) is dict:
+        return "mapping"
+    if get_origin(annotation) is tuple:
+        return "[" + ", ".join(_type_name(a) for a in get_args(annotation)) + "]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+REFERENCE_MARKERS = ("<!-- spec-reference:start -->", "<!-- spec-reference:end -->")
+
+
+def with_spec_reference(readme: str) -> str:
+    """`readme` with the text between the spec-reference markers replaced by the tables."""
+    start, end = REFERENCE_MARKERS
+    head, _, rest = readme.partition(start)
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}\n{spec_reference()}{end}{tail}"

@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lmforge.config import RegistryConfig
 from lmforge.tracking import RunTracker

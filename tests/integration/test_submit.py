@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,9 +38,18 @@ def head_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, d
     subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True,
                    capture_output=True)
     dashboard = free_port()
+    # Its own temp dir, so it does not take over /tmp/ray/ray_current_cluster, which the
+    # session cluster's Ray Train placement-group cleaner reads to find its State API.
+    # (Short path: Ray's unix sockets live under it.)
+    temp_dir = tempfile.mkdtemp(prefix="lmf-", dir="/tmp")
     head = subprocess.Popen(
-        [ray, "start", "--head", "--block",
+        [ray, "start", "--head", "--block", f"--temp-dir={temp_dir}",
          f"--port={free_port()}", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         # Ports other than Ray's defaults, which the session's own cluster already holds.
+         f"--ray-client-server-port={free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}",
+         f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
          "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
         env=dict(env, RAY_AUTH_MODE="token"), stdout=subprocess.DEVNULL,
         stderr=(tmp_path / "ray-start.log").open("w"))
@@ -49,6 +60,7 @@ def head_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, d
     finally:
         head.terminate()  # --block: the head tears its whole cluster down on SIGTERM
         head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _wait_for_jobs_api(address: str, env: dict[str, str], head: subprocess.Popen,
