@@ -77,6 +77,7 @@ def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
         tracker = RunTracker.start(parent.uri, experiment_id, trial_name, parent=parent,
                                    tags={"lmforge.trial_id": ctx.get_trial_id()})
         tracker.log_params(config)
+        tracker.log_dict(trial_spec.model_dump(mode="json"), "spec.yaml")
     try:
         run_training(trial_spec, data, tracker, name=f"{ctx.get_experiment_name()}-{trial_name}",
                      callbacks=[TuneReportCallback()])

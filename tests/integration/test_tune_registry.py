@@ -27,6 +27,8 @@ def test_search_registers_champion_that_mlflow_loads(ray_cluster, tiny_spec, tmp
     for child in children:
         assert {"train.lr", "model.n_embd"} <= child.data.params.keys()
         assert "val_loss" in child.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"spec.yaml", "loss_curve.png"} <= artifacts
 
     version = client.get_model_version_by_alias("lmforge-tiny", "champion")
     assert int(version.version) == summary["registered_version"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from lmforge import jobs
 from lmforge.config import JobSpec, TrackingConfig, resolve_tracking_uri
 from lmforge.tracking import PARENT_TAG, RunTracker, experiment_id, finished_status, flatten
 
@@ -136,17 +137,30 @@ def test_environment_uri_is_honoured_but_the_spec_wins(in_tmp, monkeypatch):
 
 
 # --- Ray Jobs token auth -------------------------------------------------------------
+# Each case runs in a fresh interpreter: Ray's token loader is a process-wide C++
+# singleton that caches the first token it sees, so in-process cases would leak a fake
+# token into every later test that starts Ray.
+
+AUTH_MODE_AFTER = (
+    "import os; from lmforge import jobs; jobs._enable_token_auth(); "
+    "print(os.environ.get('RAY_AUTH_MODE', 'unset'))"
+)
 
 
 @pytest.fixture
-def ray_env(tmp_path, monkeypatch) -> Path:
-    """A HOME in tmp_path and no Ray auth settings; returns the default token path."""
+def ray_env(tmp_path) -> dict[str, str]:
+    """An environment with HOME in tmp_path and no Ray auth settings."""
     home = tmp_path / "home"
     home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(name, raising=False)
-    return home / ".ray" / "auth_token"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    return env | {"HOME": str(home)}
+
+
+def auth_mode_after(env: dict[str, str]) -> str:
+    out = subprocess.run([sys.executable, "-c", AUTH_MODE_AFTER], env=env, check=True,
+                         capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
 
 
 def write_token(path: Path) -> None:
@@ -154,31 +168,25 @@ def write_token(path: Path) -> None:
     path.write_text("secret-token\n")
 
 
-# No "no token, no change" case here: Ray's token loader is a process-wide C++ singleton
-# that caches the first token it finds. tests/integration/test_submit.py covers both sides
-# against a real token-auth cluster (a client without the token gets 401).
 def test_token_file_in_home_enables_token_auth(ray_env):
-    write_token(ray_env)
-    jobs._enable_token_auth()
-    assert os.environ["RAY_AUTH_MODE"] == "token"
+    write_token(Path(ray_env["HOME"]) / ".ray" / "auth_token")
+    assert auth_mode_after(ray_env) == "token"
 
 
-def test_token_path_from_environment(ray_env, tmp_path, monkeypatch):
+def test_token_path_from_environment(ray_env, tmp_path):
     token = tmp_path / "elsewhere" / "token"
     write_token(token)
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
-    jobs._enable_token_auth()
-    assert os.environ["RAY_AUTH_MODE"] == "token"
+    assert auth_mode_after(ray_env | {"RAY_AUTH_TOKEN_PATH": str(token)}) == "token"
 
 
-def test_token_in_environment(ray_env, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "secret-token")
-    jobs._enable_token_auth()
-    assert os.environ["RAY_AUTH_MODE"] == "token"
+def test_token_in_environment(ray_env):
+    assert auth_mode_after(ray_env | {"RAY_AUTH_TOKEN": "secret-token"}) == "token"
 
 
-def test_explicit_auth_mode_is_kept(ray_env, monkeypatch):
-    write_token(ray_env)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    jobs._enable_token_auth()
-    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+def test_explicit_auth_mode_is_kept(ray_env):
+    write_token(Path(ray_env["HOME"]) / ".ray" / "auth_token")
+    assert auth_mode_after(ray_env | {"RAY_AUTH_MODE": "disabled"}) == "disabled"
+
+
+def test_no_token_leaves_auth_mode_unset(ray_env):
+    assert auth_mode_after(ray_env) == "unset"
