@@ -29,6 +29,8 @@ def test_search_registers_champion_that_mlflow_loads(ray_cluster, tiny_spec, tmp
         assert "val_loss" in child.data.metrics
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"spec.yaml", "loss_curve.png"} <= artifacts
+        # Finished, or KILLED when ASHA stopped it early; never left RUNNING.
+        assert child.info.status in {"FINISHED", "KILLED"}
 
     version = client.get_model_version_by_alias("lmforge-tiny", "champion")
     assert int(version.version) == summary["registered_version"]
