@@ -93,9 +93,10 @@ def main() -> None:
         base.append(bare_pytorch(args.steps, threads))
         ours.append(lmforge_train(args.steps, "train.workers=1"))
         ddp.append(lmforge_train(args.steps, "train.workers=2", "train.cpus_per_worker=1"))
-        print(f"repeat {i + 1}: bare {base[-1]['tokens_per_s']:,.0f} tok/s, lmforge "
-              f"{ours[-1]['tokens_per_s']:,.0f} tok/s, DDP x2 {ddp[-1]['tokens_per_s']:,.0f}"
-              " tok/s", flush=True)
+        print(f"repeat {i + 1}: " + ", ".join(
+            f"{name} {r['tokens_per_s']:,.0f} tok/s val_loss {r['val_loss']:.3f}"
+            for name, r in (("bare", base[-1]), ("lmforge", ours[-1]), ("DDP x2", ddp[-1]))),
+            flush=True)
 
     ours_tps, base_tps = median(ours, "tokens_per_s"), median(base, "tokens_per_s")
     rows = [
