@@ -7,6 +7,7 @@ e.g. `lmforge train jobs/quickstart.yaml train.steps=50 model.n_layer=2`.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -118,6 +119,7 @@ def serve(
     from lmforge.serve import build_app, deploy
 
     job = _load(spec, overrides)
+    job.serve.api_keys += [k for k in os.environ.get("LMFORGE_API_KEYS", "").split(",") if k]
     tracking_uri = resolve_tracking_uri(job.tracking, Path("runs"))
     init_ray()
     url = deploy(build_app(functools.partial(load_model, model_uri, tracking_uri), job.serve),

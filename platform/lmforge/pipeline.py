@@ -125,13 +125,13 @@ def serve_check(spec: JobSpec, registered: Registered, tracking_uri: str) -> dic
 
 
 def _close_stopped_trials(uri: str, trials: list[TrialOutcome]) -> None:
-    """Trials that ASHA stopped were killed mid-run: give their MLflow runs the loss curve
-    they did not get to log and the KILLED status, instead of RUNNING forever."""
+    """Trials ASHA stopped were interrupted mid-run (Tune records no error for them): mark
+    their MLflow runs KILLED, with a loss curve, not FAILED or RUNNING forever."""
     for trial in trials:
-        if not trial.mlflow_run_id:
+        if not trial.mlflow_run_id or trial.error is not None:
             continue
         tracker = RunTracker(uri, trial.mlflow_run_id)
-        if tracker.status() == "RUNNING":
+        if tracker.status() != "FINISHED":
             tracker.log_loss_curve()
             tracker.finish("KILLED")
 

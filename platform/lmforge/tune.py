@@ -82,7 +82,9 @@ def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
         run_training(trial_spec, data, tracker, name=f"{ctx.get_experiment_name()}-{trial_name}",
                      callbacks=[TuneReportCallback()])
     except BaseException:
+        # A real failure, or ASHA stopping the trial; run_search tells them apart.
         if tracker is not None:
+            tracker.log_loss_curve()
             tracker.finish("FAILED")
         raise
     if tracker is not None:

@@ -18,6 +18,8 @@ from lmforge.serve import build_app, deploy
 
 from .conftest import free_port
 
+API_KEY = "test-key-123"
+
 # The loader below lives in this test module, which replicas cannot import: ship it by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -36,9 +38,10 @@ def tiny_model() -> LoadedModel:
 @pytest.fixture(scope="module")
 def endpoint(ray_cluster):
     cfg = ServeConfig(port=free_port(), max_batch_size=4, max_tokens_limit=32,
-                      cpus_per_replica=0.5)
+                      cpus_per_replica=0.5, api_keys=[API_KEY, "second-key"])
     url = deploy(build_app(tiny_model, cfg), cfg, name="test-serve")
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with httpx.Client(base_url=url, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as client:
         yield client
     serve.shutdown()
 
@@ -85,3 +88,20 @@ def test_malformed_json_gets_400(endpoint: httpx.Client):
                       headers={"content-type": "application/json"})
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer wrong-key", f"Basic {API_KEY}"])
+def test_v1_routes_need_a_valid_api_key(endpoint: httpx.Client, auth):
+    headers = {"Authorization": auth} if auth else {}
+    with httpx.Client(base_url=str(endpoint.base_url), timeout=60, headers=headers) as anon:
+        for r in (anon.post("/v1/completions", json={"prompt": "the", "max_tokens": -1}),
+                  anon.get("/v1/models")):
+            # 401 before validation: a bad body from a stranger learns nothing about the API.
+            assert r.status_code == 401, r.text
+            assert r.json()["error"]["code"] == "invalid_api_key"
+        assert anon.get("/healthz").status_code == 200  # health stays open
+
+
+def test_any_configured_key_is_accepted(endpoint: httpx.Client):
+    r = endpoint.get("/v1/models", headers={"Authorization": "Bearer second-key"})
+    assert r.status_code == 200

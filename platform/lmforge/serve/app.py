@@ -8,6 +8,7 @@ FastAPI reads the handler annotations at runtime to find the request body.
 
 
 import asyncio
+import hmac
 from collections.abc import Callable
 
 import torch
@@ -38,6 +39,26 @@ async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONRespo
     return JSONResponse(error_body(f"{param}: {msg}" if param else msg, param), status_code=422)
 
 
+@api.middleware("http")
+async def _require_api_key(request: Request, call_next):  # noqa: ANN001
+    """With API keys configured, /v1 routes need `Authorization: Bearer KEY`. A middleware,
+    so an unauthenticated request is refused before its body is even validated."""
+    keys: list[bytes] = getattr(request.app.state, "api_keys", [])
+    if keys and request.url.path.startswith("/v1"):
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        # Compare against every key in constant time, so timing leaks nothing.
+        matches = [hmac.compare_digest(key.encode(), k) for k in keys]
+        if scheme.lower() != "bearer" or not any(matches):
+            return _unauthorized()
+    return await call_next(request)
+
+
+def _unauthorized() -> JSONResponse:
+    body = error_body("missing or invalid API key: send Authorization: Bearer KEY", None)
+    body["error"]["code"] = "invalid_api_key"
+    return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
 def _reject(message: str, param: str) -> JSONResponse:
     return JSONResponse(error_body(message, param), status_code=422)
 
@@ -51,6 +72,7 @@ class TextGenerator:
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
         self.context = self.model.config.max_position_embeddings
         self.max_tokens_limit = cfg.max_tokens_limit
+        api.state.api_keys = [k.encode() for k in cfg.api_keys]  # read by _require_api_key
         self._generate.set_max_batch_size(cfg.max_batch_size)
         self._generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
