@@ -64,7 +64,7 @@ def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs")) -> dic
             from lmforge.tune import run_search
 
             outcome = run_search(spec, data, run, exp, name=run_name)
-            _close_stopped_trials(uri, outcome.trials)
+            _close_stopped_trials(uri, outcome.trials, spec.train.steps)
             best = outcome.best
             run.log_dict([asdict(t) for t in outcome.trials], "trials.json")
             run.log_params({f"best.{k}": v for k, v in best.config.items()})
@@ -124,16 +124,17 @@ def serve_check(spec: JobSpec, registered: Registered, tracking_uri: str) -> dic
         serve.shutdown()
 
 
-def _close_stopped_trials(uri: str, trials: list[TrialOutcome]) -> None:
-    """Trials ASHA stopped were interrupted mid-run (Tune records no error for them): mark
-    their MLflow runs KILLED, with a loss curve, not FAILED or RUNNING forever."""
+def _close_stopped_trials(uri: str, trials: list[TrialOutcome], steps: int) -> None:
+    """ASHA stops a trial at a rung, and also at max_t, its final report: Tune interrupts
+    the trial's driver either way and records no error. Give those MLflow runs a loss curve
+    and an honest status: FINISHED when all `steps` ran, KILLED when stopped early."""
     for trial in trials:
         if not trial.mlflow_run_id or trial.error is not None:
             continue
         tracker = RunTracker(uri, trial.mlflow_run_id)
         if tracker.status() != "FINISHED":
             tracker.log_loss_curve()
-            tracker.finish("KILLED")
+            tracker.finish("FINISHED" if trial.steps >= steps else "KILLED")
 
 
 def spec_json(spec: JobSpec) -> str:
