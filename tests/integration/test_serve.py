@@ -7,6 +7,7 @@ import sys
 import cloudpickle
 import datasets
 import httpx
+import openai
 import pytest
 from ray import serve
 
@@ -64,6 +65,7 @@ def test_completion_has_openai_shape(endpoint: httpx.Client):
 
 def test_health_and_models(endpoint: httpx.Client):
     assert endpoint.get("/healthz").json()["status"] == "ok"
+    assert endpoint.get("/readyz").json()["status"] == "ready"
     assert endpoint.get("/v1/models").json()["data"][0]["id"] == "tiny"
 
 
@@ -105,3 +107,15 @@ def test_v1_routes_need_a_valid_api_key(endpoint: httpx.Client, auth):
 def test_any_configured_key_is_accepted(endpoint: httpx.Client):
     r = endpoint.get("/v1/models", headers={"Authorization": "Bearer second-key"})
     assert r.status_code == 200
+
+
+def test_official_openai_client_works_unchanged(endpoint: httpx.Client):
+    client = openai.OpenAI(base_url=str(endpoint.base_url.join("/v1")), api_key=API_KEY)
+    completion = client.completions.create(model="tiny", prompt="the ", max_tokens=4,
+                                           temperature=0, seed=1)
+    assert completion.model == "tiny"
+    assert completion.usage.completion_tokens <= 4
+    assert isinstance(completion.choices[0].text, str)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model="tiny", prompt="the ", max_tokens=-1)

@@ -85,6 +85,11 @@ class TextGenerator:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok", "model": self.name}
 
+    @api.get("/readyz")
+    async def readyz(self) -> dict[str, str]:
+        # Serve routes to a replica only after __init__ (the model load) returned.
+        return {"status": "ready", "model": self.name}
+
     @api.get("/v1/models")
     async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.name, "object": "model",
