@@ -119,7 +119,11 @@ class TrainConfig(Section):
     storage_path: str = "runs/ray"
     """Where Ray Train persists checkpoints and results."""
     keep_checkpoints: int = Field(2, gt=0)
-    """Checkpoints kept (the best by validation loss)."""
+    """Checkpoints kept (the best by validation loss; Ray also keeps the latest). One is
+    written at every evaluation."""
+    max_failures: int = Field(2, ge=-1)
+    """Times Ray Train restarts the worker group after a worker dies (-1: no limit); each
+    restart resumes from the latest checkpoint, so at most `eval_every` steps are redone."""
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> TrainConfig:

@@ -81,7 +81,8 @@ def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs")) -> dic
             checkpoint, model_run = outcome.checkpoint, run
             result = {"steps": outcome.steps, "val_loss": outcome.val_loss,
                       "best_val_loss": outcome.best_val_loss,
-                      "tokens_per_s": outcome.tokens_per_s}
+                      "tokens_per_s": outcome.tokens_per_s, "attempts": outcome.attempts,
+                      "resumed_from_step": outcome.resumed_from_step}
         summary |= result | {"checkpoint": checkpoint}
         run.log_metrics({f"final_{k}": v for k, v in result.items()}, step=result["steps"])
 

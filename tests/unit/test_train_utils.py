@@ -181,7 +181,8 @@ def test_load_training_state_restores_weights_optimizer_and_step(trained):
     fresh_opt = make_optimizer(fresh, TrainConfig(lr=1e-2))
     assert not torch.equal(fresh.transformer.wte.weight, model.transformer.wte.weight)
 
-    assert load_training_state(ckpt, fresh, fresh_opt) == 3
+    meta = load_training_state(ckpt, fresh, fresh_opt)
+    assert meta["step"] == 3 and meta["attempt"] == 1
 
     for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(),
                                  strict=True):

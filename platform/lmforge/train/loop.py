@@ -75,11 +75,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     optimizer = make_optimizer(raw_model, cfg)
 
-    start = 0
+    # After a worker died, Ray Train restarts the group with the latest checkpoint.
+    start, attempt, best_val = 0, 1, math.inf
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
-            start = load_training_state(d, raw_model, optimizer)
-        print(f"[lmforge] rank {rank}: resumed from step {start}", flush=True)
+            meta = load_training_state(d, raw_model, optimizer)
+        start, attempt = meta["step"], meta.get("attempt", 1) + 1
+        best_val = meta["metrics"].get("best_val_loss", math.inf)
+        print(f"[lmforge] rank {rank}: attempt {attempt} resumes from step {start}", flush=True)
 
     shard = BlockShard(data.train_path, spec.model.block_size, rank, world, cfg.seed,
                        cfg.micro_batch_size)
@@ -87,7 +90,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                         cfg.micro_batch_size, cfg.eval_batches)
     log = tracker if rank == 0 else None
     tokens_per_step = cfg.micro_batch_size * spec.model.block_size * world
-    train_time, timed_steps, best_val = 0.0, 0, math.inf
+    train_time, timed_steps = 0.0, 0
     run_id = tracker.run_id if tracker else ""
 
     model.train()
@@ -124,19 +127,21 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             best_val = min(best_val, val_loss)
             metrics = {"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
                        "best_val_loss": best_val, "tokens_per_s": tokens_per_s,
-                       "tokens": done * tokens_per_step, "mlflow_run_id": run_id}
+                       "tokens": done * tokens_per_step, "mlflow_run_id": run_id,
+                       "attempt": attempt, "resumed_from_step": start}
             if log is not None:
                 log.log_metrics({k: metrics[k] for k in ("val_loss", "val_ppl")}, step=done)
-            _report(metrics, raw_model, optimizer, data, rank)
+            _report(metrics, raw_model, optimizer, data, rank, attempt)
 
 
 def _report(metrics: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            data: PreparedData, rank: int) -> None:
+            data: PreparedData, rank: int, attempt: int) -> None:
     """Every rank reports (it is a barrier); only rank 0 writes the checkpoint."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            save_checkpoint(tmp, model, data.tokenizer_dir, optimizer, metrics["step"], metrics)
+            save_checkpoint(tmp, model, data.tokenizer_dir, optimizer, metrics["step"], metrics,
+                            attempt)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=f"checkpoint_{metrics['step']:07d}")

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
 from lmforge.config import JobSpec
@@ -23,6 +23,10 @@ class TrainOutcome:
     tokens_per_s: float
     checkpoint: str
     """Directory of the checkpoint with the lowest validation loss (Hugging Face format)."""
+    attempts: int
+    """Worker-group attempts that reported: 1 + restarts resumed from a checkpoint."""
+    resumed_from_step: int
+    """Step the final attempt started from (0 when it never restarted)."""
 
 
 def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
@@ -44,6 +48,7 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
                 checkpoint_score_attribute="val_loss",
                 checkpoint_score_order="min",
             ),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=list(callbacks),
         ),
     )
@@ -57,4 +62,5 @@ def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, 
         raise RuntimeError(f"training run {name!r} reported no checkpoint")
     m = result.metrics
     return TrainOutcome(steps=m["step"], val_loss=m["val_loss"], best_val_loss=m["best_val_loss"],
-                        tokens_per_s=m["tokens_per_s"], checkpoint=best.path)
+                        tokens_per_s=m["tokens_per_s"], checkpoint=best.path,
+                        attempts=m["attempt"], resumed_from_step=m["resumed_from_step"])
