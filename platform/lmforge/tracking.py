@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -67,10 +67,6 @@ class RunTracker:
         for i in range(0, len(items), 100):  # MLflow's per-request limit
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
-
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, obj, artifact_file)
 
@@ -119,8 +115,4 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def finished_status(ok: bool) -> str:
-    return RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
-
-
-__all__ = ["RunTracker", "experiment_id", "finished_status", "flatten"]
+__all__ = ["RunTracker", "experiment_id", "flatten"]

@@ -35,3 +35,4 @@ def test_two_worker_training_lowers_validation_loss(ray_cluster, tiny_spec, tmp_
     assert {"loss_curve.png", "spec.yaml", "tokenizer"} <= artifacts
     params = run.client.get_run(run.run_id).data.params
     assert params["train.workers"] == "2" and params["model.n_layer"] == "1"
+    assert int(params["model.parameters"]) > 10_000  # counted by rank 0 on the real model

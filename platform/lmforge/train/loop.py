@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from lmforge.config import JobSpec, TrainConfig
 from lmforge.data import BlockShard, PreparedData, ValidationSet
-from lmforge.model import build_model
+from lmforge.model import build_model, count_parameters
 from lmforge.tracking import RunTracker
 from lmforge.train.checkpoint import load_training_state, save_checkpoint
 
@@ -89,6 +89,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     val = ValidationSet(data.val_path, spec.model.block_size, rank, world,
                         cfg.micro_batch_size, cfg.eval_batches)
     log = tracker if rank == 0 else None
+    if log is not None and start == 0:
+        log.log_params({"model.parameters": count_parameters(raw_model)})
     tokens_per_step = cfg.micro_batch_size * spec.model.block_size * world
     train_time, timed_steps = 0.0, 0
     run_id = tracker.run_id if tracker else ""
