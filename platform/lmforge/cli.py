@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -126,11 +127,16 @@ def serve(
                  job.serve)
     err.print(f"Serving [bold]{model_uri}[/] at {url}/v1/completions (Ctrl-C stops)")
     print(json.dumps({"url": url, "model_uri": model_uri}), flush=True)
+    # Ctrl-C, `kill`, systemd and Kubernetes all mean "stop": handle both signals
+    # explicitly (a shell starts background jobs with SIGINT ignored).
+    stop_requested = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop_requested.set())
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        while not stop_requested.wait(timeout=1.0):
+            pass
     finally:
+        err.print("Shutting down Serve")
         ray_serve.shutdown()
 
 

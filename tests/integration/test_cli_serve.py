@@ -1,5 +1,5 @@
 """`lmforge serve DIR serve.port=P` deploys a Hugging Face directory, answers HTTP, and
-shuts down cleanly on Ctrl-C (SIGINT)."""
+shuts down cleanly on Ctrl-C (SIGINT) or `kill` (SIGTERM)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import datasets
 import httpx
+import pytest
 import ray
 
 from lmforge.config import ModelConfig, TokenizerConfig
@@ -32,7 +33,8 @@ def save_tiny_model(path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def test_serve_command_answers_until_interrupted(ray_cluster, tmp_path: Path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_serve_command_answers_until_stopped(ray_cluster, tmp_path: Path, stop_signal):
     save_tiny_model(tmp_path / "model")
     port = free_port()
     # Join the session's cluster rather than start a second one beside it.
@@ -50,11 +52,11 @@ def test_serve_command_answers_until_interrupted(ray_cluster, tmp_path: Path):
         assert r.status_code == 200, r.text
         assert r.json()["model"] == "model"
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop_signal)
         assert proc.wait(timeout=60) == 0
     # Serve was shut down: nothing listens on the port any more.
     try:
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-        raise AssertionError("endpoint still up after Ctrl-C")
+        raise AssertionError(f"endpoint still up after {stop_signal.name}")
     except httpx.TransportError:
         pass
