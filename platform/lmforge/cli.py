@@ -41,10 +41,13 @@ Address = Annotated[str, typer.Option(
 def _load(spec: Path | None, overrides: list[str] | None) -> JobSpec:
     """Validate before anything heavy starts; a bad spec exits 2 with file and field named."""
     try:
-        return load(spec, overrides or [])
+        job = load(spec, overrides or [])
     except SpecError as e:
         err.print(f"[bold red]invalid spec[/] {e}", highlight=False, markup=True)
         raise typer.Exit(2) from None
+    # Secrets from the environment, so they need not sit in a spec file or a command line.
+    job.serve.api_keys += [k for k in os.environ.get("LMFORGE_API_KEYS", "").split(",") if k]
+    return job
 
 
 def _finish(summary: dict[str, Any]) -> None:
@@ -120,7 +123,6 @@ def serve(
     from lmforge.serve import build_app, deploy
 
     job = _load(spec, overrides)
-    job.serve.api_keys += [k for k in os.environ.get("LMFORGE_API_KEYS", "").split(",") if k]
     tracking_uri = resolve_tracking_uri(job.tracking, Path("runs"))
     init_ray()
     url = deploy(build_app(functools.partial(load_model, model_uri, tracking_uri), job.serve),

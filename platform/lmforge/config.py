@@ -233,10 +233,11 @@ class ServeConfig(Section):
     """Largest `max_tokens` a request may ask for."""
     cpus_per_replica: float = Field(1.0, gt=0)
     """CPUs reserved for each replica."""
-    api_keys: list[str] = Field(default_factory=list)
-    """When non-empty, every /v1 route requires `Authorization: Bearer KEY` with one of
-    these (401 otherwise); /healthz stays open. `lmforge serve` adds keys from
-    $LMFORGE_API_KEYS (comma-separated), so keys need not live in a spec file."""
+    api_keys: list[str] = Field(default_factory=list, exclude=True, repr=False)
+    """Bearer keys for the /v1 routes; empty: no auth. With keys, a request without
+    `Authorization: Bearer KEY` gets 401; /healthz stays open. The `lmforge` command adds
+    keys from $LMFORGE_API_KEYS (comma-separated). A secret: never dumped, so never in
+    MLflow params, registry tags or `validate` output."""
 
     @model_validator(mode="after")
     def _bounds_ordered(self) -> ServeConfig:

@@ -116,7 +116,9 @@ def serve_check(spec: JobSpec, registered: Registered, tracking_uri: str) -> dic
     url = deploy(build_app(loader, spec.serve), spec.serve)
     try:
         body = {"prompt": "The ", "max_tokens": 24, "temperature": 0.8, "seed": 0}
-        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        keys = spec.serve.api_keys
+        headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+        reply = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
         reply.raise_for_status()
         text = reply.json()["choices"][0]["text"]
         print(f"[lmforge] {url}/v1/completions {body['prompt']!r} -> {text!r}", flush=True)

@@ -83,7 +83,9 @@ def test_submit_runs_spec_to_success(head_node, tmp_path: Path):
     env = dict(env)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = "tests/integration/specs/tiny.yaml"
+    # With API keys on, the run's own serve check must authenticate too.
     submitted = lmforge("submit", spec, f"serve.port={free_port()}", "train.steps=40",
+                        "serve.api_keys=[job-key]",
                         f"data.cache_dir={tmp_path / 'cache'}", "--address", address, "--wait",
                         env=env, timeout=600)
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]

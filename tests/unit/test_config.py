@@ -272,3 +272,10 @@ def test_module_entry_point_rejects_bad_spec_fast(tmp_path, write_spec):
     assert "model.n_embd" in err
     assert proc.stdout == ""
     assert elapsed < 15
+
+
+def test_api_keys_never_leave_the_spec_object(tmp_path):
+    """Keys reach the deployment (the object) but no dump: MLflow params, tags, validate."""
+    spec = load(None, ["serve.api_keys=[s3cret]"])
+    assert spec.serve.api_keys == ["s3cret"]
+    assert "s3cret" not in spec.model_dump_json() and "s3cret" not in repr(spec)
