@@ -14,7 +14,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 import ray
@@ -23,9 +23,6 @@ from lmforge.config import JobSpec, resolve_tracking_uri
 from lmforge.data import PreparedData, prepare_data
 from lmforge.registry import Registered, load_model, register
 from lmforge.tracking import RunTracker, experiment_id, flatten
-
-if TYPE_CHECKING:  # tune imports Ray Tune; only the search path needs it at run time
-    from lmforge.tune import TrialOutcome
 
 
 @dataclass(frozen=True)
@@ -64,7 +61,6 @@ def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs")) -> dic
             from lmforge.tune import run_search
 
             outcome = run_search(spec, data, run, exp, name=run_name)
-            _close_stopped_trials(uri, outcome.trials, spec.train.steps)
             best = outcome.best
             run.log_dict([asdict(t) for t in outcome.trials], "trials.json")
             run.log_params({f"best.{k}": v for k, v in best.config.items()})
@@ -125,19 +121,6 @@ def serve_check(spec: JobSpec, registered: Registered, tracking_uri: str) -> dic
         return {"url": url, "prompt": body["prompt"], "text": text}
     finally:
         serve.shutdown()
-
-
-def _close_stopped_trials(uri: str, trials: list[TrialOutcome], steps: int) -> None:
-    """ASHA stops a trial at a rung, and also at max_t, its final report: Tune interrupts
-    the trial's driver either way and records no error. Give those MLflow runs a loss curve
-    and an honest status: FINISHED when all `steps` ran, KILLED when stopped early."""
-    for trial in trials:
-        if not trial.mlflow_run_id or trial.error is not None:
-            continue
-        tracker = RunTracker(uri, trial.mlflow_run_id)
-        if tracker.status() != "FINISHED":
-            tracker.log_loss_curve()
-            tracker.finish("FINISHED" if trial.steps >= steps else "KILLED")
 
 
 def spec_json(spec: JobSpec) -> str:

@@ -140,12 +140,27 @@ def run_search(spec: JobSpec, data: PreparedData, parent: RunTracker | None,
     )
     grid = tuner.fit()
     trials = [_outcome(r) for r in grid]
+    if parent is not None:
+        _close_stopped_trials(parent.uri, trials, spec.train.steps)
     finished = [t for t in trials if t.error is None and t.checkpoint is not None]
     if not finished:
         errors = "; ".join(t.error or "no checkpoint" for t in trials)
         raise RuntimeError(f"every trial failed: {errors}")
     best = min(finished, key=lambda t: t.best_val_loss)
     return SearchOutcome(best=best, trials=trials)
+
+
+def _close_stopped_trials(uri: str, trials: list[TrialOutcome], steps: int) -> None:
+    """ASHA stops a trial at a rung, and also at max_t, its final report: Tune interrupts
+    the trial's driver either way and records no error. Give those MLflow runs a loss curve
+    and an honest status: FINISHED when all `steps` ran, KILLED when stopped early."""
+    for trial in trials:
+        if not trial.mlflow_run_id or trial.error is not None:
+            continue
+        tracker = RunTracker(uri, trial.mlflow_run_id)
+        if tracker.status() != "FINISHED":
+            tracker.log_loss_curve()
+            tracker.finish("FINISHED" if trial.steps >= steps else "KILLED")
 
 
 def _outcome(result: tune.Result) -> TrialOutcome:

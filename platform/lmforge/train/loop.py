@@ -133,17 +133,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                        "attempt": attempt, "resumed_from_step": start}
             if log is not None:
                 log.log_metrics({k: metrics[k] for k in ("val_loss", "val_ppl")}, step=done)
-            _report(metrics, raw_model, optimizer, data, rank, attempt)
+            _report(metrics, raw_model, optimizer, data, rank)
 
 
 def _report(metrics: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            data: PreparedData, rank: int, attempt: int) -> None:
+            data: PreparedData, rank: int) -> None:
     """Every rank reports (it is a barrier); only rank 0 writes the checkpoint."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
             save_checkpoint(tmp, model, data.tokenizer_dir, optimizer, metrics["step"], metrics,
-                            attempt)
+                            metrics["attempt"])
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=f"checkpoint_{metrics['step']:07d}")
