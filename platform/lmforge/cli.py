@@ -57,10 +57,12 @@ def _finish(summary: dict[str, Any]) -> None:
     print(json.dumps(summary, default=str), flush=True)
 
 
-def _execute(spec: JobSpec, search: bool, register: bool, serve_check: bool) -> None:
+def _execute(spec: JobSpec, search: bool, register: bool, serve_check: bool,
+             resume: bool = False) -> None:
     from lmforge.pipeline import Stages, execute
 
-    summary = execute(spec, Stages(search=search, register=register, serve_check=serve_check))
+    summary = execute(spec, Stages(search=search, register=register, serve_check=serve_check),
+                      resume=resume)
     if register:
         err.print(f"Registered {summary['model_uri']} (version {summary['registered_version']})."
                   f" Keep an endpoint up with: [bold]lmforge serve {summary['model_uri']}[/]")
