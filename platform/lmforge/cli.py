@@ -202,5 +202,65 @@ def stop(job_id: str, address: Address = "http://127.0.0.1:8265") -> None:
     print("stopped" if jobs.stop(address, job_id) else "already finished")
 
 
+# --- lmforge cluster up|down|status: a multi-node Ray cluster on this machine ----------
+
+cluster_app = typer.Typer(help="A local multi-node Ray cluster (a head and N worker raylets "
+                          "on this machine) for trying multi-node jobs.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+ClusterRoot = Annotated[Path, typer.Option(
+    "--root", help="Where the cluster keeps its state file and node logs.")]
+
+
+@cluster_app.command("up")
+def cluster_up(
+    nodes: Annotated[int, typer.Option(help="Raylets: one head plus NODES-1 workers.", min=1)]
+    = 2,
+    cpus_per_node: Annotated[int, typer.Option(help="Logical CPUs of each raylet.", min=1)] = 1,
+    root: ClusterRoot = Path("runs/cluster"),
+) -> None:
+    """Start the cluster and print its addresses as JSON once every node is ALIVE."""
+    from lmforge.cluster import ClusterError, LocalCluster
+
+    try:
+        c = LocalCluster.up(nodes=nodes, cpus_per_node=cpus_per_node, root=root)
+    except ClusterError as e:
+        err.print(f"[bold red]cluster up failed[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    err.print(f"{nodes} node(s) up. Submit with: [bold]lmforge submit SPEC --address "
+              f"{c.dashboard_url}[/]; stop with: [bold]lmforge cluster down[/]")
+    print(json.dumps({"address": c.address, "dashboard_url": c.dashboard_url,
+                      "nodes": c.nodes, "pids": c.pids}), flush=True)
+
+
+@cluster_app.command("down")
+def cluster_down(root: ClusterRoot = Path("runs/cluster")) -> None:
+    """Stop the cluster `lmforge cluster up` started (only its own processes)."""
+    from lmforge.cluster import ClusterError, LocalCluster
+
+    try:
+        LocalCluster.load(root).down()
+    except ClusterError as e:
+        err.print(f"[bold red]no cluster[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    err.print("cluster stopped")
+
+
+@cluster_app.command("status")
+def cluster_status(root: ClusterRoot = Path("runs/cluster")) -> None:
+    """Print the cluster's addresses and its ALIVE nodes as JSON; exit 1 if it is down."""
+    from lmforge.cluster import ClusterError, LocalCluster
+
+    try:
+        c = LocalCluster.load(root)
+        alive = c.alive_nodes() if c.running() else []
+    except ClusterError as e:
+        err.print(f"[bold red]no cluster[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    print(json.dumps({"address": c.address, "dashboard_url": c.dashboard_url,
+                      "nodes": c.nodes, "alive": alive}), flush=True)
+    if len(alive) < c.nodes:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()
