@@ -122,14 +122,16 @@ def serve(
 
     from lmforge.pipeline import init_ray
     from lmforge.registry import load_model
-    from lmforge.serve import build_app, deploy
+    from lmforge.serve import build_app, deploy, pin_alias
 
     job = _load(spec, overrides)
     tracking_uri = resolve_tracking_uri(job.tracking, Path("runs"))
     init_ray()
-    url = deploy(build_app(functools.partial(load_model, model_uri, tracking_uri), job.serve),
-                 job.serve)
-    err.print(f"Serving [bold]{model_uri}[/] at {url}/v1/completions (Ctrl-C stops)")
+    # models:/NAME@ALIAS is pinned to its version at start, and followed as it moves.
+    app_ = build_app(functools.partial(load_model, tracking_uri=tracking_uri), job.serve,
+                     model_uri, functools.partial(pin_alias, tracking_uri=tracking_uri))
+    url = deploy(app_, job.serve)
+    err.print(f"Serving [bold]{model_uri}[/] at {url}/v1 (playground: {url}/; Ctrl-C stops)")
     print(json.dumps({"url": url, "model_uri": model_uri}), flush=True)
     # Ctrl-C, `kill`, systemd and Kubernetes all mean "stop": handle both signals
     # explicitly (a shell starts background jobs with SIGINT ignored).

@@ -225,6 +225,26 @@ class ServeConfig(Section):
     """Autoscaling upper bound."""
     target_ongoing_requests: float = Field(4, gt=0)
     """Autoscaling target of in-flight requests per replica."""
+    upscale_delay_s: float = Field(30.0, ge=0)
+    """How long load must stay above target before the autoscaler adds replicas."""
+    downscale_delay_s: float = Field(600.0, ge=0)
+    """How long load must stay below target before the autoscaler removes replicas."""
+    max_ongoing_requests: int = Field(16, ge=1)
+    """Most requests one replica holds at once (decoding or waiting for a batch)."""
+    max_queued_requests: int = Field(64, ge=-1)
+    """Requests queued in front of the replicas when all are full; beyond it a request is
+    refused at once with `backpressure_status`. -1: no limit."""
+    backpressure_status: Literal[503, 429] = 503
+    """HTTP status of a request refused because the queue is full."""
+    retry_after_s: float | None = Field(1.0, ge=0)
+    """`Retry-After` seconds sent with a refused request; unset: no header."""
+    request_timeout_s: float | None = Field(None, gt=0)
+    """End-to-end limit for one HTTP request, queueing included; past it the answer is 408."""
+    max_body_bytes: int = Field(1_000_000, ge=1)
+    """Largest request body accepted; a larger one gets 413."""
+    alias_poll_s: float = Field(10.0, ge=0)
+    """Serving `models:/NAME@ALIAS`: how often each replica checks whether the alias
+    moved, and if so loads the new version and switches to it between batches. 0: never."""
     max_batch_size: int = Field(8, ge=1)
     """Most requests generated together by `@serve.batch`."""
     batch_wait_timeout_s: float = Field(0.01, ge=0)

@@ -108,8 +108,8 @@ def serve_check(spec: JobSpec, registered: Registered, tracking_uri: str) -> dic
 
     from lmforge.serve import build_app, deploy
 
-    loader = functools.partial(load_model, registered.uri, tracking_uri)
-    url = deploy(build_app(loader, spec.serve), spec.serve)
+    loader = functools.partial(load_model, tracking_uri=tracking_uri)
+    url = deploy(build_app(loader, spec.serve, registered.uri), spec.serve)
     try:
         body = {"prompt": "The ", "max_tokens": 24, "temperature": 0.8, "seed": 0}
         keys = spec.serve.api_keys

@@ -25,7 +25,7 @@ API_KEY = "test-key-123"
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def tiny_model() -> LoadedModel:
+def tiny_model(uri: str) -> LoadedModel:
     import torch
 
     corpus = datasets.Dataset.from_dict({"text": ["the quick brown fox jumps over the lazy dog"]})
@@ -33,14 +33,14 @@ def tiny_model() -> LoadedModel:
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64),
                         len(tokenizer), tokenizer.eos_token_id)
-    return LoadedModel(model.eval(), tokenizer, name="tiny")
+    return LoadedModel(model.eval(), tokenizer, name=uri)
 
 
 @pytest.fixture(scope="module")
 def endpoint(ray_cluster):
     cfg = ServeConfig(port=free_port(), max_batch_size=4, max_tokens_limit=32,
                       cpus_per_replica=0.5, api_keys=[API_KEY, "second-key"])
-    url = deploy(build_app(tiny_model, cfg), cfg, name="test-serve")
+    url = deploy(build_app(tiny_model, cfg, "tiny"), cfg, name="test-serve")
     with httpx.Client(base_url=url, timeout=60,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as client:
         yield client

@@ -1,29 +1,62 @@
-"""The Ray Serve application: an OpenAI-compatible completion endpoint over a causal LM.
+"""The Ray Serve application: an OpenAI-compatible endpoint over a causal LM.
 
-`build_app(loader, cfg)` binds the deployment to a loader function, so tests can inject a
-tiny model and production passes `functools.partial(load_model, "models:/NAME@champion")`.
+`build_app(loader, cfg, model_uri)` binds the deployment to a loader function, so tests can
+inject a tiny model and production passes `functools.partial(load_model, tracking_uri=...)`.
 Nothing here starts Ray or Serve at import. No `from __future__ import annotations`:
 FastAPI reads the handler annotations at runtime to find the request body.
+
+Ray Serve does the serving work: `@serve.batch` (a streaming batch handler) groups
+concurrent requests, `max_ongoing_requests`/`max_queued_requests` with a
+`BackpressureConfig` refuse overload at once (503 or 429 with Retry-After), the proxy's
+`request_timeout_s` answers 408, and the autoscaler adds and removes replicas.
 """
 
-
 import asyncio
+import dataclasses
 import hmac
-from collections.abc import Callable
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
+from ray.serve.metrics import Counter, Histogram
 
 from lmforge.config import ServeConfig
 from lmforge.registry import LoadedModel
-from lmforge.serve.generate import Generation, GenerationParams, generate_batch
-from lmforge.serve.schemas import Choice, CompletionRequest, CompletionResponse, Usage, error_body
+from lmforge.serve.generate import Delta, GenerationParams, decode_stream
+from lmforge.serve.playground import PLAYGROUND_HTML
+from lmforge.serve.schemas import (
+    ChatChoice,
+    ChatChoiceMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    CompletionRequest,
+    CompletionResponse,
+    SamplingRequest,
+    Usage,
+    error_body,
+)
+
+log = logging.getLogger("ray.serve")
 
 api = FastAPI(title="lmforge", docs_url="/docs")
+api.state.api_keys = []
+api.state.max_body_bytes = 1_000_000
+
+# The simple chat template for base models (a tokenizer's own template wins when it has
+# one), and the stop that keeps the model from writing the user's next turn.
+_ROLE = {"system": "System", "user": "User", "assistant": "Assistant"}
+_CHAT_STOP = "\nUser:"
 
 
 @api.exception_handler(RequestValidationError)
@@ -39,11 +72,53 @@ async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONRespo
     return JSONResponse(error_body(f"{param}: {msg}" if param else msg, param), status_code=422)
 
 
+class _BodyLimit:
+    """413 for a body over `serve.max_body_bytes`, before the app parses it. A pure ASGI
+    middleware: a declared Content-Length is refused unread; a chunked body is counted
+    as it arrives and refused as soon as it passes the limit."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit: int = api.state.max_body_bytes
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _too_large(limit)(scope, receive, send)
+        if declared is not None:
+            return await self.app(scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > limit:
+                return await _too_large(limit)(scope, receive, send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():  # noqa: ANN202
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse(error_body(f"request body is larger than {limit} bytes", None),
+                        status_code=413)
+
+
+api.add_middleware(_BodyLimit)
+
+
 @api.middleware("http")
 async def _require_api_key(request: Request, call_next):  # noqa: ANN001
-    """With API keys configured, /v1 routes need `Authorization: Bearer KEY`. A middleware,
-    so an unauthenticated request is refused before its body is even validated."""
-    keys: list[bytes] = getattr(request.app.state, "api_keys", [])
+    """With API keys configured, /v1 routes need `Authorization: Bearer KEY`. A middleware
+    added last (so it runs first): an unauthenticated request is refused before its body
+    is even read."""
+    keys: list[bytes] = request.app.state.api_keys
     if keys and request.url.path.startswith("/v1"):
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         # Compare against every key in constant time, so timing leaks nothing.
@@ -59,78 +134,319 @@ def _unauthorized() -> JSONResponse:
     return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
 
-def _reject(message: str, param: str) -> JSONResponse:
+def _reject(message: str, param: str | None) -> JSONResponse:
     return JSONResponse(error_body(message, param), status_code=422)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One sequence to decode, with the model version it was tokenized for."""
+
+    loaded: LoadedModel
+    params: GenerationParams
+
+
+def pin_alias(uri: str, tracking_uri: str | None) -> str:
+    """`models:/NAME@ALIAS` -> `models:/NAME/VERSION` the alias points at now; any other
+    URI unchanged. Loading the pinned URI cannot race a promotion."""
+    if not (uri.startswith("models:/") and "@" in uri):
+        return uri
+    from mlflow.tracking import MlflowClient
+
+    name, alias = uri.removeprefix("models:/").split("@", 1)
+    version = MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version
+    return f"models:/{name}/{version}"
 
 
 @serve.deployment(name="TextGenerator")
 @serve.ingress(api)
 class TextGenerator:
-    def __init__(self, loader: Callable[[], LoadedModel], cfg: ServeConfig) -> None:
+    def __init__(self, loader: Callable[[str], LoadedModel], cfg: ServeConfig, model_uri: str,
+                 resolve: Callable[[str], str] | None = None) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
-        loaded = loader()
-        self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
-        self.context = self.model.config.max_position_embeddings
+        self._loader, self._resolve = loader, resolve or (lambda uri: uri)
         self.max_tokens_limit = cfg.max_tokens_limit
         api.state.api_keys = [k.encode() for k in cfg.api_keys]  # read by _require_api_key
+        api.state.max_body_bytes = cfg.max_body_bytes
         self._generate.set_max_batch_size(cfg.max_batch_size)
         self._generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._pinned = self._resolve(model_uri)
+        self.loaded = self._load(self._pinned)
+        tags = ("model_version",)
+        self._requests = Counter("lmforge_requests_total", "Completions answered.",
+                                 tag_keys=(*tags, "route", "stream"))
+        self._tokens = Counter("lmforge_generated_tokens_total", "Tokens generated.",
+                               tag_keys=tags)
+        self._ttft = Histogram("lmforge_time_to_first_token_s",
+                               "Seconds from request to its first generated token.",
+                               boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+                               tag_keys=tags)
+        self._rate = Histogram("lmforge_tokens_per_s", "Tokens per second of one request.",
+                               boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500],
+                               tag_keys=tags)
+        self._stop = threading.Event()
+        if model_uri != self._pinned and cfg.alias_poll_s > 0:
+            # A thread, not a task: loading is blocking work, and the event loop keeps
+            # serving the old version until the new one is ready, then the swap is one
+            # attribute assignment (requests already running finish on the old one).
+            threading.Thread(target=self._follow, args=(model_uri, cfg.alias_poll_s),
+                             daemon=True, name="lmforge-alias-follow").start()
+
+    def _load(self, pinned: str) -> LoadedModel:
+        loaded = self._loader(pinned)
+        if pinned.startswith("models:/") and "@" not in pinned:
+            loaded = dataclasses.replace(loaded, name=pinned.removeprefix("models:/"))
+        return loaded
+
+    def _follow(self, model_uri: str, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                pinned = self._resolve(model_uri)
+                if pinned != self._pinned:
+                    log.info("%s moved to %s: loading it", model_uri, pinned)
+                    self.loaded, self._pinned = self._load(pinned), pinned
+                    log.info("now serving %s", self.loaded.name)
+            except Exception:  # a registry hiccup must not stop serving the current model
+                log.exception("checking %s failed; still serving %s", model_uri,
+                              self.loaded.name)
+
+    def __del__(self) -> None:
+        self._stop.set()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate(self, batch: list[GenerationParams]) -> list[Generation]:
-        # In a thread, so health checks and new requests are served while a batch decodes.
-        return await asyncio.to_thread(generate_batch, self.model, self.tokenizer, batch)
+    async def _generate(self, batch: list[_Job]) -> AsyncIterator[list]:
+        """Decode a batch, yielding each request's Delta per step. Requests tokenized for
+        different model versions (only around an alias switch) run one group after the
+        other; the waiting group gets empty deltas meanwhile."""
+        groups: dict[int, list[int]] = {}
+        for i, job in enumerate(batch):
+            groups.setdefault(id(job.loaded), []).append(i)
+        done: set[int] = set()
+        for members in groups.values():
+            loaded = batch[members[0]].loaded
+            steps = decode_stream(loaded.model, loaded.tokenizer,
+                                  [batch[i].params for i in members])
+            while True:
+                # Each step in a thread, so health checks and new requests are served
+                # while the batch decodes.
+                step = await asyncio.to_thread(next, steps, None)
+                if step is None:
+                    break
+                out: list = [StopIteration if i in done else Delta("", []) for i in
+                             range(len(batch))]
+                for i, delta in zip(members, step, strict=True):
+                    if delta is None:
+                        out[i] = StopIteration
+                        done.add(i)
+                    else:
+                        out[i] = delta
+                yield out
+                done.update(i for i, d in zip(members, step, strict=True)
+                            if d is not None and d.finish_reason)
+
+    async def _run(self, job: _Job, start: float) -> AsyncIterator[Delta]:
+        """One sequence's deltas; returns as soon as it finishes, whatever the batch does."""
+        tags = {"model_version": job.loaded.name}
+        first, n_tokens = None, 0
+        async for delta in self._generate(job):
+            if delta.token_ids:
+                n_tokens += len(delta.token_ids)
+                if first is None:
+                    first = time.perf_counter()
+                    self._ttft.observe(first - start, tags=tags)
+            yield delta
+            if delta.finish_reason:
+                break
+        if n_tokens:
+            self._tokens.inc(n_tokens, tags=tags)
+            elapsed = time.perf_counter() - start
+            self._rate.observe(n_tokens / max(elapsed, 1e-6), tags=tags)
+
+    # --- routes ----------------------------------------------------------------------
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self) -> HTMLResponse:
+        return HTMLResponse(PLAYGROUND_HTML)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
-        return {"status": "ok", "model": self.name}
+        return {"status": "ok", "model": self.loaded.name}
 
     @api.get("/readyz")
     async def readyz(self) -> dict[str, str]:
         # Serve routes to a replica only after __init__ (the model load) returned.
-        return {"status": "ready", "model": self.name}
+        return {"status": "ready", "model": self.loaded.name}
 
     @api.get("/v1/models")
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.name, "object": "model",
-                                            "owned_by": "lmforge"}]}
+        return {"object": "list", "data": [{"id": self.loaded.name, "object": "model",
+                                            "created": 0, "owned_by": "lmforge"}]}
 
     @api.post("/v1/completions", response_model=None)
-    async def completions(self, req: CompletionRequest) -> CompletionResponse | JSONResponse:
-        if req.max_tokens > self.max_tokens_limit:
-            return _reject(f"max_tokens: at most {self.max_tokens_limit}", "max_tokens")
-        prompt_ids = self.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
-        if len(prompt_ids) + req.max_tokens > self.context:
+    async def completions(self, req: CompletionRequest
+                          ) -> CompletionResponse | JSONResponse | StreamingResponse:
+        loaded = self.loaded
+        prompt_ids = loaded.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
+        return await self._complete(req, loaded, prompt_ids, "prompt", req.max_tokens or 16,
+                                    req.stop or [], chat=False)
+
+    @api.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(self, req: ChatCompletionRequest
+                               ) -> ChatCompletionResponse | JSONResponse | StreamingResponse:
+        loaded = self.loaded
+        tok = loaded.tokenizer
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        stop = list(req.stop or [])
+        if getattr(tok, "chat_template", None):
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False)
+        else:
+            prompt = "".join(f"{_ROLE[m['role']]}: {m['content']}\n" for m in messages)
+            prompt += "Assistant:"
+            if _CHAT_STOP not in stop:
+                stop.append(_CHAT_STOP)
+        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        if max_tokens is None:  # OpenAI's chat default: as much as the context allows
+            room = loaded.model.config.max_position_embeddings - len(prompt_ids)
+            max_tokens = max(1, min(self.max_tokens_limit, room))
+        return await self._complete(req, loaded, prompt_ids, "messages", max_tokens, stop,
+                                    chat=True, max_tokens_param=param)
+
+    async def _complete(self, req: SamplingRequest, loaded: LoadedModel, prompt_ids: list[int],
+                        prompt_param: str, max_tokens: int, stop: list[str], chat: bool,
+                        max_tokens_param: str = "max_tokens"):  # noqa: ANN202
+        # Validation before any generation work, each error naming its field.
+        if max_tokens > self.max_tokens_limit:
+            return _reject(f"{max_tokens_param}: at most {self.max_tokens_limit}",
+                           max_tokens_param)
+        context = loaded.model.config.max_position_embeddings
+        if len(prompt_ids) + max_tokens > context:
             return _reject(
-                f"prompt: {len(prompt_ids)} prompt tokens + max_tokens {req.max_tokens} exceed "
-                f"the model's context of {self.context} tokens", "prompt")
-        out = await self._generate(GenerationParams(
-            prompt_ids=prompt_ids, max_tokens=req.max_tokens, temperature=req.temperature,
-            top_p=req.top_p, seed=req.seed, stop=tuple(req.stop or ())))
-        n_out = len(out.token_ids)
-        return CompletionResponse(
-            model=self.name,
-            choices=[Choice(index=0, text=out.text, finish_reason=out.finish_reason)],
-            usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=n_out,
-                        total_tokens=len(prompt_ids) + n_out),
-        )
+                f"{prompt_param}: {len(prompt_ids)} prompt tokens + {max_tokens_param} "
+                f"{max_tokens} exceed the model's context of {context} tokens", prompt_param)
+        if req.model is not None and req.model != loaded.name:
+            return JSONResponse(error_body(
+                f"model: {req.model!r} is not served here; this endpoint serves "
+                f"{loaded.name!r}", "model"), status_code=404)
+        start = time.perf_counter()
+        # n > 1: independent samples, each with its own seed (seed + i) so that a seeded
+        # request stays reproducible; they batch together with everything else.
+        jobs = [_Job(loaded, GenerationParams(
+            prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=req.temperature,
+            top_p=req.top_p, top_k=req.top_k, stop=tuple(stop),
+            seed=None if req.seed is None else req.seed + i)) for i in range(req.n)]
+        route = "chat" if chat else "completions"
+        self._requests.inc(tags={"model_version": loaded.name, "route": route,
+                                 "stream": str(req.stream).lower()})
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": 0}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                self._sse(jobs, start, loaded.name, chat, usage, include_usage),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        texts, reasons = [""] * len(jobs), ["length"] * len(jobs)
+
+        async def collect(i: int) -> None:
+            async for d in self._run(jobs[i], start):
+                texts[i] += d.text
+                usage["completion_tokens"] += len(d.token_ids)
+                reasons[i] = d.finish_reason or reasons[i]
+
+        await asyncio.gather(*(collect(i) for i in range(len(jobs))))
+        u = Usage(**usage, total_tokens=usage["prompt_tokens"] + usage["completion_tokens"])
+        if chat:
+            return ChatCompletionResponse(model=loaded.name, usage=u, choices=[
+                ChatChoice(index=i, message=ChatChoiceMessage(content=t), finish_reason=r)
+                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))])
+        return CompletionResponse(model=loaded.name, usage=u, choices=[
+            Choice(index=i, text=t, finish_reason=r)
+            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))])
+
+    async def _sse(self, jobs: list[_Job], start: float, model: str, chat: bool,
+                   usage: dict[str, int], include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": model}
+
+        def chunk(choices: list[dict], **extra) -> str:  # noqa: ANN003
+            return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+
+        def choice(i: int, text: str | None, finish: str | None) -> dict:
+            if not chat:
+                return {"index": i, "text": text or "", "logprobs": None,
+                        "finish_reason": finish}
+            delta = {"content": text} if text else {}
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        if chat:  # OpenAI opens every chat choice with the role
+            for i in range(len(jobs)):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}])
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                async for d in self._run(jobs[i], start):
+                    await queue.put((i, d))
+            except Exception as e:  # surfaced in the stream: the 200 is already sent
+                await queue.put((i, e))
+            finally:
+                await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(jobs))]
+        try:
+            running = len(jobs)
+            while running:
+                i, d = await queue.get()
+                if d is None:
+                    running -= 1
+                elif isinstance(d, Exception):
+                    log.exception("generation failed", exc_info=d)
+                    yield f"data: {json.dumps(error_body(str(d), None, 'server_error'))}\n\n"
+                elif d.text or d.finish_reason:
+                    usage["completion_tokens"] += len(d.token_ids)
+                    yield chunk([choice(i, d.text, d.finish_reason)])
+                else:
+                    usage["completion_tokens"] += len(d.token_ids)
+            if include_usage:
+                total = usage["prompt_tokens"] + usage["completion_tokens"]
+                yield chunk([], usage={**usage, "total_tokens": total})
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
 
 
-def build_app(loader: Callable[[], LoadedModel], cfg: ServeConfig) -> Application:
-    options: dict = {"ray_actor_options": {"num_cpus": cfg.cpus_per_replica},
-                     "max_ongoing_requests": max(2 * cfg.max_batch_size, 4)}
+def build_app(loader: Callable[[str], LoadedModel], cfg: ServeConfig, model_uri: str,
+              resolve: Callable[[str], str] | None = None) -> Application:
+    """The deployment serving `loader(resolve(model_uri))`, with cfg's Serve options.
+
+    `resolve` pins an alias to a version (`pin_alias`); with it, replicas follow the alias
+    every `cfg.alias_poll_s` seconds."""
+    options: dict = {
+        "ray_actor_options": {"num_cpus": cfg.cpus_per_replica},
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=cfg.backpressure_status,
+                                                  retry_after_s=cfg.retry_after_s),
+    }
     if cfg.min_replicas == cfg.max_replicas:
         options["num_replicas"] = cfg.min_replicas
     else:
         options["autoscaling_config"] = {
             "min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
             "target_ongoing_requests": cfg.target_ongoing_requests,
+            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
         }
-    return TextGenerator.options(**options).bind(loader, cfg)
+    return TextGenerator.options(**options).bind(loader, cfg, model_uri, resolve)
 
 
 def deploy(app: Application, cfg: ServeConfig, name: str = "lmforge") -> str:
     """Start Serve's HTTP proxy on cfg.host:cfg.port, deploy, wait until ready; return the URL."""
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port,
+                              "request_timeout_s": cfg.request_timeout_s})
     serve.run(app, name=name, route_prefix="/")
     return f"http://{cfg.host}:{cfg.port}"
