@@ -19,6 +19,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from lmforge.config import Choice, IntRange, JobSpec, LogUniform, SearchDim, Uniform
 from lmforge.data import PreparedData
+from lmforge.storage import require_shared
 from lmforge.tracking import RunTracker
 from lmforge.train import run_training
 
@@ -117,6 +118,7 @@ def run_search(spec: JobSpec, data: PreparedData, parent: RunTracker | None,
     if not cfg.search_space:
         raise ValueError("tune.search_space: empty; name at least one spec field to search")
     check_fits(spec, ray.cluster_resources().get("CPU", 0))
+    require_shared(cfg.storage_path, "tune.storage_path")  # multi-host needs shared storage
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn, spec=spec, data=data, parent=parent,
                              experiment_id=experiment_id),

@@ -11,6 +11,7 @@ from ray.train.torch import TorchTrainer
 
 from lmforge.config import JobSpec
 from lmforge.data import PreparedData
+from lmforge.storage import require_shared
 from lmforge.tracking import RunTracker
 from lmforge.train.loop import train_fn_per_worker
 
@@ -32,6 +33,7 @@ class TrainOutcome:
 def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
                   callbacks: Sequence[UserCallback] = ()) -> TorchTrainer:
     cfg = spec.train
+    require_shared(cfg.storage_path, "train.storage_path")  # multi-host needs shared storage
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"spec": spec, "data": data, "tracker": tracker},
