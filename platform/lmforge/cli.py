@@ -153,18 +153,38 @@ def submit(
     address: Address = "http://127.0.0.1:8265",
     wait: Annotated[bool, typer.Option(help="Stream logs; exit 0 only if the job succeeds.")]
     = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run named by tracking.run_name from its latest "
+        "checkpoint (the job runs `lmforge run SPEC --resume`).")] = False,
+    submission_id: Annotated[str | None, typer.Option(
+        help="Job id to use (default: run name + random suffix); an existing id is refused."
+    )] = None,
 ) -> None:
     """Send `lmforge run SPEC` to a Ray cluster through the Jobs API; print the job id.
 
     The project directory is the job's working_dir; the MLflow tracking URI travels as
-    MLFLOW_TRACKING_URI. Ray's token auth (~/.ray/auth_token) is used when present.
+    MLFLOW_TRACKING_URI, and LMFORGE_API_KEYS, HF_TOKEN and object-store credentials as
+    their own variables when set. The job is tagged with the run name (metadata
+    lmforge.run_name). Ray's token auth (~/.ray/auth_token) is used when present.
     """
+    import yaml
+
     from lmforge import jobs
 
     job = _load(spec, overrides)
-    env = {"MLFLOW_TRACKING_URI": resolve_tracking_uri(job.tracking, Path("runs"))}
-    job_id = jobs.submit(address, spec, overrides or [], job.tracking.run_name or "lmforge",
-                         Path.cwd(), env)
+    named = any(o.startswith("tracking.run_name=") for o in overrides or []) or bool(
+        ((yaml.safe_load(spec.read_text()) or {}).get("tracking") or {}).get("run_name"))
+    if resume and not named:  # a generated name is new each time: nothing to resume
+        err.print("[bold red]cannot resume[/] without a run name: set tracking.run_name "
+                  "(in the spec or as an override) to the run to continue", highlight=False)
+        raise typer.Exit(2)
+    env = jobs.job_env(resolve_tracking_uri(job.tracking, Path("runs")), dict(os.environ))
+    try:
+        job_id = jobs.submit(address, spec, overrides or [], job.tracking.run_name or "lmforge",
+                             Path.cwd(), env, submission_id=submission_id, resume=resume)
+    except (jobs.SubmitError, ValueError) as e:
+        err.print(f"[bold red]not submitted[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
     print(job_id, flush=True)
     if wait:
         final = jobs.follow(address, job_id)

@@ -34,19 +34,49 @@ def client(address: str) -> JobSubmissionClient:
     return JobSubmissionClient(address)
 
 
+# Secrets and endpoints a job needs, passed by environment when the submitter has them set,
+# so they never sit in a spec file, a command line or the job's metadata.
+FORWARDED_ENV = ("LMFORGE_API_KEYS", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                 "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL",
+                 "GOOGLE_APPLICATION_CREDENTIALS")
+ACTIVE = ("PENDING", "RUNNING")
+RUN_NAME_KEY = "lmforge.run_name"
+
+
+class SubmitError(RuntimeError):
+    """The cluster refused the job (duplicate id, the run already running), said why."""
+
+
+def job_env(tracking_uri: str, environ: dict[str, str]) -> dict[str, str]:
+    """The job's env_vars: the MLflow tracking URI plus the secrets set in `environ`."""
+    return {"MLFLOW_TRACKING_URI": tracking_uri} | {
+        k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
+
+
+def entrypoint(spec_rel: str, overrides: list[str], run_name: str, resume: bool) -> list[str]:
+    """`python -m lmforge run SPEC k=v... tracking.run_name=NAME [--resume]`: a fixed run
+    name, so resubmitting with `resume` continues the same Ray Train / Tune run."""
+    return ["python", "-m", "lmforge", "run", spec_rel, *overrides,
+            f"tracking.run_name={run_name}", *(["--resume"] if resume else [])]
+
+
 def submit(address: str, spec_path: Path, overrides: list[str], run_name: str,
-           project_root: Path, env: dict[str, str]) -> str:
+           project_root: Path, env: dict[str, str], submission_id: str | None = None,
+           resume: bool = False) -> str:
     """Submit `lmforge run SPEC` with the project as the job's working_dir; return the job id.
 
-    The job id is the run name plus a random suffix, so resubmitting never overwrites a job.
+    The job id is `submission_id`, or the run name plus a random suffix. An id the cluster
+    already knows is refused (never overwritten), and so is a run name whose job is still
+    PENDING or RUNNING: two drivers must not write the same run.
     """
     spec = spec_path.resolve()
     root = project_root.resolve()
     if not spec.is_relative_to(root):
         raise ValueError(f"{spec_path}: the spec must live inside the project ({root}), "
                          "which is shipped to the cluster as the job's working_dir")
-    args = ["python", "-m", "lmforge", "run", str(spec.relative_to(root)), *overrides,
-            f"tracking.run_name={run_name}"]
+    args = entrypoint(str(spec.relative_to(root)), overrides, run_name, resume)
     runtime_env: dict[str, Any] = {
         "working_dir": str(root),
         "excludes": _EXCLUDES,
@@ -54,21 +84,40 @@ def submit(address: str, spec_path: Path, overrides: list[str], run_name: str,
     }
     if (root / "platform" / "lmforge").is_dir():
         runtime_env["py_modules"] = [str(root / "platform" / "lmforge")]
-    job_id = f"lmforge-{re.sub(r'[^A-Za-z0-9_-]', '-', run_name)}-{uuid.uuid4().hex[:6]}"
+    job_id = submission_id or \
+        f"lmforge-{re.sub(r'[^A-Za-z0-9_-]', '-', run_name)}-{uuid.uuid4().hex[:6]}"
     jobs_client = client(address)
     # A freshly started head answers the Jobs API before its job agent is up and says so
     # with a 500; retry that one error for a bounded time instead of failing the user.
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
+            _refuse_duplicates(jobs_client, job_id, run_name)
             return jobs_client.submit_job(
                 entrypoint=shlex.join(args), runtime_env=runtime_env, submission_id=job_id,
-                metadata={"lmforge.run_name": run_name, "lmforge.spec": str(spec_path)},
+                metadata={RUN_NAME_KEY: run_name, "lmforge.spec": str(spec_path),
+                          "lmforge.resume": str(resume).lower()},
             )
         except RuntimeError as e:
+            if isinstance(e, SubmitError):
+                raise
+            if "already exists" in str(e):  # Ray's own check, should another client race us
+                raise SubmitError(f"job id {job_id!r} already exists on {address}; "
+                                  "it is not overwritten (choose another --submission-id)"
+                                  ) from None
             if "No available agent" not in str(e) or time.monotonic() > deadline:
                 raise
             time.sleep(1)
+
+
+def _refuse_duplicates(jobs_client: JobSubmissionClient, job_id: str, run_name: str) -> None:
+    for job in jobs_client.list_jobs():
+        if job.submission_id == job_id:
+            raise SubmitError(f"job id {job_id!r} already exists ({job.status}); it is not "
+                              "overwritten (choose another --submission-id)")
+        if (job.metadata or {}).get(RUN_NAME_KEY) == run_name and job.status in ACTIVE:
+            raise SubmitError(f"run {run_name!r} is already {job.status} as job "
+                              f"{job.submission_id}; stop it first or wait for it to end")
 
 
 def status(address: str, job_id: str) -> JobStatus:
