@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import cloudpickle
 import datasets
@@ -28,7 +30,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 def tiny_model(uri: str) -> LoadedModel:
     import torch
 
-    corpus = datasets.Dataset.from_dict({"text": ["the quick brown fox jumps over the lazy dog"]})
+    corpus = datasets.Dataset.from_dict({"text": ["the quick brown fox jumps over the lazy dog",
+                                                  "System: User: Assistant:\n"]})
     tokenizer = build_tokenizer(TokenizerConfig(kind="char"), corpus)
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64),
@@ -119,3 +122,167 @@ def test_official_openai_client_works_unchanged(endpoint: httpx.Client):
     assert [m.id for m in client.models.list()] == ["tiny"]
     with pytest.raises(openai.UnprocessableEntityError):
         client.completions.create(model="tiny", prompt="the ", max_tokens=-1)
+
+
+# --- chat, streaming, sampling ----------------------------------------------------------
+
+
+def sse_events(response: httpx.Response) -> list:
+    """The `data:` payloads of a server-sent event stream, JSON-decoded, [DONE] kept."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            events.append(data if data == "[DONE]" else json.loads(data))
+        else:
+            assert line == "", line  # nothing but data lines and blank separators
+    return events
+
+
+def complete(endpoint: httpx.Client, **body) -> dict:
+    r = endpoint.post("/v1/completions", json={"prompt": "the ", "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_chat_completion_has_openai_shape(endpoint: httpx.Client):
+    body = {"messages": [{"role": "system", "content": "be brief"},
+                         {"role": "user", "content": "the quick"}],
+            "max_tokens": 6, "temperature": 1.0, "seed": 3}
+    r = endpoint.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-")
+    message = out["choices"][0]["message"]
+    assert message["role"] == "assistant" and isinstance(message["content"], str)
+    usage = out["usage"]
+    assert 0 < usage["completion_tokens"] <= 6
+    assert usage["prompt_tokens"] > len("the quick")  # the chat template was applied
+
+
+def test_streamed_completion_equals_the_unstreamed_one(endpoint: httpx.Client):
+    whole = complete(endpoint, max_tokens=12)
+    body = {"prompt": "the ", "max_tokens": 12, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with endpoint.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks, usage_chunk = events[:-2], events[-2]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert len(chunks) > 1  # token by token, not one blob
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == whole["usage"]
+
+
+def test_streamed_chat_opens_with_the_role_and_ends_with_done(endpoint: httpx.Client):
+    body = {"messages": [{"role": "user", "content": "the lazy"}], "max_tokens": 8,
+            "temperature": 1.0, "seed": 3}
+    whole = endpoint.post("/v1/chat/completions", json=body).json()
+    with endpoint.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"] != ""
+    assert chunks[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
+
+
+def test_stop_sequences_cut_the_text_streamed_or_not(endpoint: httpx.Client):
+    full = complete(endpoint, max_tokens=24)["choices"][0]["text"]
+    stop = full[5:7]
+    cut = complete(endpoint, max_tokens=24, stop=[stop, "zzz"])["choices"][0]
+    assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
+    body = {"prompt": "the ", "max_tokens": 24, "temperature": 0, "stop": stop,
+            "stream": True}
+    with endpoint.stream("POST", "/v1/completions", json=body) as r:
+        chunks = sse_events(r)[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == cut["text"]  # never sent
+
+
+def test_n_seed_and_top_k(endpoint: httpx.Client):
+    body = {"max_tokens": 10, "temperature": 1.0, "seed": 7, "n": 3}
+    first, again = complete(endpoint, **body), complete(endpoint, **body)
+    assert [c["index"] for c in first["choices"]] == [0, 1, 2]
+    texts = [c["text"] for c in first["choices"]]
+    assert texts == [c["text"] for c in again["choices"]]  # seeded: reproducible
+    assert len(set(texts)) > 1  # each choice samples with its own seed
+    assert first["usage"]["completion_tokens"] == sum(len(t) for t in texts)  # char model
+    greedy = complete(endpoint, max_tokens=10)["choices"][0]["text"]
+    for seed in range(3):  # top_k=1 leaves only the most likely token
+        sampled = complete(endpoint, max_tokens=10, temperature=1.0, top_k=1, seed=seed)
+        assert sampled["choices"][0]["text"] == greedy
+
+
+def test_greedy_output_alone_equals_output_in_a_batch(endpoint: httpx.Client):
+    prompts = ["the ", "quick brown ", "a", "over the lazy dog ", "fox", "jumps ", "lazy",
+               "the quick brown fox "]
+    alone = [complete(endpoint, prompt=p, max_tokens=4 + i)["choices"][0]["text"]
+             for i, p in enumerate(prompts)]
+    with ThreadPoolExecutor(len(prompts)) as pool:  # arrive together: batched
+        together = list(pool.map(lambda ip: complete(endpoint, prompt=ip[1], max_tokens=4 + ip[0]),
+                                 enumerate(prompts)))
+    assert [t["choices"][0]["text"] for t in together] == alone
+
+
+def test_official_openai_client_chat_and_streaming(endpoint: httpx.Client):
+    client = openai.OpenAI(base_url=str(endpoint.base_url.join("/v1")), api_key=API_KEY)
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "the"}], max_tokens=5,
+        temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 5
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "the"}], max_tokens=5,
+        temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    pieces = list(client.completions.create(model="tiny", prompt="the ", max_tokens=6,
+                                            temperature=0, stream=True))
+    whole = client.completions.create(model="tiny", prompt="the ", max_tokens=6, temperature=0)
+    assert "".join(p.choices[0].text for p in pieces) == whole.choices[0].text
+
+
+# --- validation: 4xx in OpenAI's error shape, never a 500 -------------------------------
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user"}]}, "messages.0.content"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "user", "content": "the " * 20}], "max_tokens": 10}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 99},
+     "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 9}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": -1}, "top_k"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"x": 1}},
+     "stream_options.x"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {}}, "logit_bias"),
+])
+def test_bad_chat_requests_get_422_naming_the_field(endpoint: httpx.Client, body, param):
+    r = endpoint.post("/v1/chat/completions", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_unknown_model_is_404_and_a_json_array_is_422(endpoint: httpx.Client):
+    r = endpoint.post("/v1/completions", json={"prompt": "the", "model": "gpt-9"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    assert endpoint.post("/v1/completions", json=["the"]).status_code == 422
+
+
+def test_oversized_body_gets_413_declared_or_chunked(endpoint: httpx.Client):
+    big = json.dumps({"prompt": "the " * 300_000}).encode()
+    r = endpoint.post("/v1/completions", content=big,
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+    chunked = endpoint.post("/v1/completions", content=iter([big[:700_000], big[700_000:]]),
+                            headers={"content-type": "application/json"})
+    assert chunked.status_code == 413, chunked.text

@@ -146,6 +146,11 @@ class _Job:
     params: GenerationParams
 
 
+async def _drain(stream: AsyncIterator) -> None:
+    async for _ in stream:
+        pass
+
+
 def pin_alias(uri: str, tracking_uri: str | None) -> str:
     """`models:/NAME@ALIAS` -> `models:/NAME/VERSION` the alias points at now; any other
     URI unchanged. Loading the pinned URI cannot race a promotion."""
@@ -185,6 +190,7 @@ class TextGenerator:
                                boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500],
                                tag_keys=tags)
         self._stop = threading.Event()
+        self._draining: set[asyncio.Task] = set()
         if model_uri != self._pinned and cfg.alias_poll_s > 0:
             # A thread, not a task: loading is blocking work, and the event loop keeps
             # serving the old version until the new one is ready, then the swap is one
@@ -248,7 +254,8 @@ class TextGenerator:
         """One sequence's deltas; returns as soon as it finishes, whatever the batch does."""
         tags = {"model_version": job.loaded.name}
         first, n_tokens = None, 0
-        async for delta in self._generate(job):
+        deltas = self._generate(job)
+        async for delta in deltas:
             if delta.token_ids:
                 n_tokens += len(delta.token_ids)
                 if first is None:
@@ -256,6 +263,11 @@ class TextGenerator:
                     self._ttft.observe(first - start, tags=tags)
             yield delta
             if delta.finish_reason:
+                # Answer now; the batch's end-of-stream marker for this request comes
+                # one step later and is consumed in the background.
+                drain = asyncio.create_task(_drain(deltas))
+                self._draining.add(drain)
+                drain.add_done_callback(self._draining.discard)
                 break
         if n_tokens:
             self._tokens.inc(n_tokens, tags=tags)
