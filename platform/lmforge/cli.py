@@ -98,10 +98,83 @@ def train(spec: SpecArg, overrides: Overrides = None) -> None:
 
 
 @app.command()
-def tune(spec: SpecArg, overrides: Overrides = None) -> None:
-    """Data and a hyperparameter search (Optuna TPE + ASHA); registers the best trial."""
+def tune(
+    spec: SpecArg,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue a search whose driver was killed: tracking.run_name's, or "
+        "else the newest search of this spec under tune.storage_path. Finished trials are "
+        "kept, the searcher keeps its history.")] = False,
+) -> None:
+    """Data and a hyperparameter search (Optuna TPE + ASHA); registers the best trial as
+    `candidate` and runs the promotion gate."""
     job = _load(spec, overrides)
-    _execute(job, search=True, register=job.registry.enabled, serve_check=False)
+    if resume:
+        from lmforge.tune import ResumeError, resumable_name
+
+        try:
+            job.tracking.run_name = resumable_name(job, spec.stem)
+        except ResumeError as e:
+            err.print(f"[bold red]cannot resume[/] {e}", highlight=False)
+            raise typer.Exit(2) from None
+        err.print(f"Resuming search [bold]{job.tracking.run_name}[/]")
+    _execute(job, search=True, register=job.registry.enabled, serve_check=False, resume=resume)
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.", show_default=False)],
+    overrides: Overrides = None,
+    spec: Annotated[Path | None, typer.Option(help="Take the held-out data, aliases, margin "
+                                              "and tracking URI from this spec. Default: the "
+                                              "spec the candidate was trained from.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        "--tracking-uri", help="MLflow tracking URI (default: the spec's, $MLFLOW_TRACKING_URI "
+        "or sqlite:///runs/mlflow.db).")] = None,
+) -> None:
+    """Promotion gate: score `candidate` and `champion` on the same held-out text and move
+    `champion` only if the candidate is better by registry.promote_margin (or there is no
+    champion). Prints the decision as JSON; it is also recorded on the candidate's version."""
+    from dataclasses import asdict
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from lmforge.config import SpecError, TrackingConfig, parse_overrides
+    from lmforge.data import prepare_data
+    from lmforge.registry import PromotionError
+    from lmforge.registry import promote as run_gate
+
+    job = _load(spec, overrides) if spec is not None else None
+    uri = tracking_uri or resolve_tracking_uri(job.tracking if job else TrackingConfig(),
+                                               Path("runs"))
+    if job is None:
+        alias = "candidate"
+        try:
+            alias = load(None, overrides or []).registry.alias
+            version = MlflowClient(uri).get_model_version_by_alias(name, alias)
+            lineage = version.tags.get("lmforge.spec")
+            if not lineage:
+                raise SpecError(f"version {version.version} of {name!r} has no lmforge.spec "
+                                f"tag; pass --spec")
+            job = JobSpec.model_validate_json(lineage).with_values(
+                parse_overrides(overrides or []))
+        except (SpecError, ValueError) as e:
+            err.print(f"[bold red]invalid spec[/] {e}", highlight=False)
+            raise typer.Exit(2) from None
+        except MlflowException as e:
+            err.print(f"[bold red]cannot promote[/] {name}@{alias}: {e.message}",
+                      highlight=False)
+            raise typer.Exit(1) from None
+    data = prepare_data(job.data, job.tokenizer, job.model.block_size)
+    try:
+        decision = run_gate(name, data, job.registry, uri)
+    except PromotionError as e:
+        err.print(f"[bold red]cannot promote[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    err.print(f"{name}: {decision.reason} -> "
+              f"[bold]{'promoted' if decision.promoted else 'refused'}[/]")
+    print(json.dumps(asdict(decision)), flush=True)
 
 
 @app.command()

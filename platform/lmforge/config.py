@@ -174,10 +174,26 @@ class TuneConfig(Section):
     """Run a hyperparameter search in `lmforge run` (`lmforge tune` always searches)."""
     num_trials: int = Field(4, gt=0)
     """Trials to sample; each is a distributed training run with `train.workers` workers."""
+    max_tokens: int | None = Field(None, gt=0)
+    """Budget in training tokens, summed over all trials: once reached, the search stops
+    (running trials included). Unset: no token budget."""
+    time_budget_s: float | None = Field(None, gt=0)
+    """Budget in wall-clock seconds for the whole search (Tune's `time_budget_s`); trials
+    still running then are stopped. Unset: no time budget."""
     max_concurrent_trials: int = Field(1, gt=0)
     """Trials running at once (each needs driver_cpus + workers * cpus_per_worker)."""
     metric: Literal["val_loss"] = "val_loss"
     """Metric the search minimises."""
+    multi_objective: bool = False
+    """Also maximise `tokens_per_s`: Optuna's multi-objective TPE over (val_loss,
+    tokens_per_s), and the summary lists the Pareto set. ASHA is off then (a rung ranks by
+    one metric, which would cut fast trials off the Pareto front)."""
+    searcher: Literal["tpe", "random"] = "tpe"
+    """Optuna sampler: `tpe` (learns from finished trials) or `random` (a baseline); both
+    seeded by `tune.seed`."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """`asha` stops weak trials at rungs of `grace_period * reduction_factor^k` steps;
+    `fifo` runs every trial to `train.steps`."""
     search_space: dict[str, SearchDim] = Field(default_factory=dict)
     """Dotted spec path (e.g. `train.lr`) to a distribution:
     `{type: loguniform|uniform, low, high}`, `{type: int, low, high}`, `{type: choice, values}`."""
@@ -190,7 +206,7 @@ class TuneConfig(Section):
     driver_cpus: float = Field(0.1, gt=0)
     """CPUs reserved for each trial's driver function (Ray refuses 0)."""
     storage_path: str = "runs/ray"
-    """Where Ray Tune keeps the experiment state."""
+    """Where Ray Tune keeps the experiment state (`lmforge tune --resume` restores it)."""
 
 
 class TrackingConfig(Section):
@@ -201,6 +217,9 @@ class TrackingConfig(Section):
     """MLflow experiment name."""
     run_name: str | None = None
     """Name of the run (and its directory under runs/). Default: spec name + timestamp."""
+    system_metrics_interval_s: float = Field(10.0, ge=0)
+    """Seconds between MLflow system-metric samples (CPU, memory, disk, network) on the
+    search's parent run and every trial's run; 0 turns them off."""
 
 
 class RegistryConfig(Section):
@@ -208,8 +227,19 @@ class RegistryConfig(Section):
     """Register the trained (or best tuned) model in the MLflow model registry."""
     model_name: str = "lmforge-model"
     """Registered model name."""
-    alias: str = "champion"
-    """Alias pointed at the new version."""
+    alias: str = "candidate"
+    """Alias pointed at each newly registered version."""
+    champion_alias: str = "champion"
+    """Alias of the version in service; only the promotion gate moves it."""
+    promote: bool = True
+    """After registering, run the promotion gate (`lmforge promote`): the candidate becomes
+    champion when it beats the current one by `promote_margin`, or when there is none."""
+    promote_margin: float = Field(0.0, ge=0)
+    """How much lower (nats per character of held-out text) the candidate's loss must be
+    than the champion's for the gate to promote it."""
+    eval_chars: int = Field(20_000, gt=0)
+    """Characters of the spec's held-out text (the tail of the validation split) that the
+    gate scores both versions on."""
 
 
 class ServeConfig(Section):

@@ -7,10 +7,8 @@ as a typed argument, and the one MLflow tracking URI is resolved once, here.
 from __future__ import annotations
 
 import functools
-import importlib.metadata as md
 import json
 import os
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +19,8 @@ import ray
 
 from lmforge.config import JobSpec, resolve_tracking_uri
 from lmforge.data import PreparedData, prepare_data
-from lmforge.registry import Registered, load_model, register
-from lmforge.tracking import RunTracker, experiment_id, flatten
+from lmforge.registry import Registered, load_model, promote, register
+from lmforge.tracking import RunTracker, experiment_id, flatten, lineage_tags
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,10 @@ def init_ray(**kwargs: Any) -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True, **kwargs)
 
 
-def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs")) -> dict[str, Any]:
+def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs"),
+            resume: bool = False) -> dict[str, Any]:
+    """Run the stages. `resume` (searches only) continues the Tune experiment named
+    `tracking.run_name` under its original MLflow parent run."""
     start = time.perf_counter()
     run_name = spec.tracking.run_name or "lmforge"
     run_dir = runs_dir / run_name
@@ -49,23 +50,41 @@ def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs")) -> dic
     print(f"[lmforge] data {data.fingerprint}: {data.train_tokens:,} train / "
           f"{data.val_tokens:,} validation tokens, vocab {data.vocab_size}", flush=True)
 
-    uri = resolve_tracking_uri(spec.tracking, runs_dir)
-    exp = experiment_id(uri, spec.tracking.experiment, runs_dir / "mlartifacts")
-    run = RunTracker.start(uri, exp, run_name, tags=_lineage(data))
-    _log_spec(run, spec, data)
+    tags = lineage_tags(data.fingerprint, f"{spec.tokenizer.kind}, vocab {data.vocab_size}")
+    if resume:
+        from lmforge.tune import resume_state
+
+        state = resume_state(spec, run_name)
+        uri, exp = state["tracking_uri"], state["experiment_id"]
+        run = RunTracker(uri, state["parent_run_id"])
+        run.client.update_run(run.run_id, status="RUNNING")
+        run.set_tags({"lmforge.resumed": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    else:
+        uri = resolve_tracking_uri(spec.tracking, runs_dir)
+        exp = experiment_id(uri, spec.tracking.experiment, runs_dir / "mlartifacts")
+        run = RunTracker.start(uri, exp, run_name, tags=tags)
+        _log_spec(run, spec, data)
     init_ray()
+    metrics_sampler = run.system_metrics(spec.tracking.system_metrics_interval_s)
+    metrics_sampler.__enter__()
     try:
         summary: dict[str, Any] = {"run_name": run_name, "mlflow_run_id": run.run_id,
                                    "tracking_uri": uri, "data_fingerprint": data.fingerprint}
         if stages.search:
             from lmforge.tune import run_search
 
-            outcome = run_search(spec, data, run, exp, name=run_name)
+            outcome = run_search(spec, data, run, exp, name=run_name, run_tags=tags,
+                                 resume=resume)
             best = outcome.best
-            run.log_dict([asdict(t) for t in outcome.trials], "trials.json")
             run.log_params({f"best.{k}": v for k, v in best.config.items()})
             summary |= {"trials": len(outcome.trials), "best_config": best.config,
-                        "best_trial_run_id": best.mlflow_run_id}
+                        "best_trial_run_id": best.mlflow_run_id,
+                        "trials_failed": sum(t.status == "FAILED" for t in outcome.trials),
+                        "trial_steps_total": sum(t.steps for t in outcome.trials)}
+            if outcome.pareto:
+                summary["pareto"] = [{"config": t.config, "val_loss": t.best_val_loss,
+                                      "tokens_per_s": t.tokens_per_s,
+                                      "mlflow_run_id": t.mlflow_run_id} for t in outcome.pareto]
             checkpoint, model_run = best.checkpoint, RunTracker(uri, best.mlflow_run_id)
             result = {"steps": best.steps, "val_loss": best.val_loss,
                       "best_val_loss": best.best_val_loss, "tokens_per_s": best.tokens_per_s}
@@ -86,16 +105,33 @@ def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs")) -> dic
             registered = register(
                 str(checkpoint), model_run, spec.registry,
                 max_new_tokens=min(32, spec.model.block_size // 2),
-                tags={"lmforge.run_id": run.run_id, "lmforge.data_fingerprint": data.fingerprint,
-                      "lmforge.val_loss": result["best_val_loss"], "lmforge.spec": spec_json(spec)},
+                tags={"lmforge.run_id": model_run.run_id, "lmforge.pipeline_run_id": run.run_id,
+                      "lmforge.data_fingerprint": data.fingerprint,
+                      "lmforge.tokenizer": tags["lmforge.tokenizer"],
+                      "lmforge.checkpoint": checkpoint,
+                      **{f"lmforge.{k}": v for k, v in result.items()},
+                      "lmforge.spec": spec_json(spec)},
             )
             summary |= {"registered_model": registered.name,
                         "registered_version": registered.version, "model_uri": registered.uri}
+            if spec.registry.promote:
+                decision = promote(registered.name, data, spec.registry, uri)
+                summary["promotion"] = asdict(decision)
+                print(f"[lmforge] promotion gate: {decision.reason} -> "
+                      f"{'promoted' if decision.promoted else 'refused'}", flush=True)
+                champion = run.client.get_model_version_by_alias(
+                    registered.name, spec.registry.champion_alias)
+                registered = Registered(registered.name, int(champion.version),
+                                        spec.registry.champion_alias,
+                                        f"models:/{registered.name}@{spec.registry.champion_alias}")
+                summary["model_uri"] = registered.uri
             if stages.serve_check:
                 summary["completion"] = serve_check(spec, registered, uri)
         summary["wall_s"] = round(time.perf_counter() - start, 2)
+        metrics_sampler.__exit__(None, None, None)
         run.finish()
     except BaseException:
+        metrics_sampler.__exit__(None, None, None)
         run.finish("FAILED")
         raise
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -125,16 +161,6 @@ def serve_check(spec: JobSpec, registered: Registered, tracking_uri: str) -> dic
 
 def spec_json(spec: JobSpec) -> str:
     return json.dumps(spec.model_dump(mode="json"), sort_keys=True)
-
-
-def _lineage(data: PreparedData) -> dict[str, str]:
-    tags = {"lmforge.data_fingerprint": data.fingerprint,
-            "lmforge.versions": json.dumps({p: md.version(p) for p in (
-                "lmforge", "ray", "torch", "transformers", "datasets", "tokenizers", "mlflow")})}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-    if commit.returncode == 0:
-        tags["mlflow.source.git.commit"] = commit.stdout.strip()
-    return tags
 
 
 def _log_spec(run: RunTracker, spec: JobSpec, data: PreparedData) -> None:

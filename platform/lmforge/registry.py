@@ -1,14 +1,21 @@
-"""Registry stage: log a checkpoint as an MLflow `transformers` model, register it, alias it,
-and load registered models back for serving (safetensors only)."""
+"""Registry stage: log a checkpoint as an MLflow `transformers` model, register it as the
+`candidate`, gate its promotion to `champion` on held-out data, and load registered models
+back for serving (safetensors only)."""
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from transformers import (
     AutoModelForCausalLM,
@@ -18,11 +25,18 @@ from transformers import (
 )
 
 from lmforge.config import RegistryConfig
+from lmforge.data import PreparedData
 from lmforge.tracking import RunTracker
 
 # Pinned to what is installed: MLflow's default requirement probing imports torchvision,
 # which this CPU stack does not have, and fails.
 _REQUIREMENTS = ("transformers", "torch", "tokenizers", "safetensors")
+
+
+# transformers builds models under a process-global meta-device context, so two threads
+# calling from_pretrained at once can end up with each other's unmaterialised weights
+# (concurrent registrations hit this). Loads in one process take turns.
+_LOAD_LOCK = threading.Lock()
 
 
 def _pip_requirements() -> list[str]:
@@ -39,15 +53,19 @@ class Registered:
 
 def register(checkpoint_dir: str, tracker: RunTracker, cfg: RegistryConfig,
              tags: dict[str, Any], max_new_tokens: int) -> Registered:
-    """Log the checkpoint under `tracker`'s run, register a new version, point the alias at it.
+    """Log the checkpoint under `tracker`'s run, register a new version, point `cfg.alias`
+    (the candidate) at it. The champion alias moves only through `promote`.
 
     `max_new_tokens` becomes the pyfunc default: without it MLflow's text generation runs
-    past a small model's context.
+    past a small model's context. Safe to call from several threads or processes at once:
+    the registry store numbers versions in a transaction (retrying on conflict), and the
+    fluent run stack `log_model` uses is thread-local.
     """
     import mlflow
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    with _LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
     mlflow.set_tracking_uri(tracker.uri)
     with mlflow.start_run(run_id=tracker.run_id):
         info = mlflow.transformers.log_model(
@@ -74,10 +92,12 @@ class LoadedModel:
     """What `/v1/models` calls it: the registered name and version, or the directory name."""
 
 
-def load_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:
+def load_model(uri: str, tracking_uri: str | None = None, dst: str | None = None
+               ) -> LoadedModel:
     """Load `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/...` or a local HF directory.
 
     Weights load from safetensors only (`use_safetensors=True` refuses pickle files).
+    Artifacts are downloaded under `dst` (default: a new temporary directory).
     """
     if "://" not in uri and ":/" not in uri:
         path = Path(uri)
@@ -93,7 +113,7 @@ def load_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:
         model_name, alias = uri.removeprefix("models:/").split("@", 1)
         version = MlflowClient(tracking_uri).get_model_version_by_alias(model_name, alias)
         name = f"{model_name}/{version.version}"
-    dst = tempfile.mkdtemp(prefix="lmforge-model-")
+    dst = dst or tempfile.mkdtemp(prefix="lmforge-model-")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
     # The transformers flavor keeps weights in model/ and the tokenizer in components/.
     return LoadedModel(*_load_dir(local / "model", local / "components" / "tokenizer"), name=name)
@@ -101,8 +121,122 @@ def load_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:
 
 def _load_dir(model_dir: Path, tokenizer_dir: Path) -> tuple[PreTrainedModel,
                                                             PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with _LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+# --- promotion gate -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    name: str
+    candidate_version: int
+    champion_version: int | None
+    """The champion before the gate ran (None: there was none)."""
+    candidate_loss: float
+    champion_loss: float | None
+    margin: float
+    promoted: bool
+    reason: str
+
+
+class PromotionError(RuntimeError):
+    """The gate cannot run: no such model, or no version carries the candidate alias."""
+
+
+def heldout_text(data: PreparedData, max_chars: int) -> str:
+    """The start of the spec's validation split as text: the same characters for every
+    version, whatever its tokenizer."""
+    tokenizer = data.tokenizer()
+    ids = np.load(data.val_path, mmap_mode="r")[: max_chars + 1]
+    return tokenizer.decode(ids.tolist(), skip_special_tokens=True)[:max_chars]
+
+
+@torch.no_grad()
+def loss_per_char(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str,
+                  batch_size: int = 16) -> float:
+    """Mean next-token loss in nats per character of `text`, so versions with different
+    tokenizers compare on the same footing. Non-overlapping windows of the model's context."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    context = int(getattr(model.config, "n_positions", 0) or model.config.max_position_embeddings)
+    n_windows = (len(ids) - 1) // context
+    if n_windows == 0:
+        raise ValueError(f"held-out text of {len(text)} characters is shorter than one "
+                         f"context of {context} tokens; raise registry.eval_chars")
+    rows = ids[: n_windows * context + 1]
+    x = rows[:-1].view(n_windows, context)
+    y = rows[1:].view(n_windows, context)
+    total = 0.0
+    model.eval()
+    for i in range(0, n_windows, batch_size):
+        logits = model(input_ids=x[i : i + batch_size]).logits
+        total += F.cross_entropy(logits.flatten(0, 1), y[i : i + batch_size].flatten(),
+                                 reduction="sum").item()
+    chars_per_token = len(text) / len(ids)
+    return total / (y.numel() * chars_per_token)
+
+
+def _version_by_alias(client: MlflowClient, name: str, alias: str) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def promote(name: str, data: PreparedData, cfg: RegistryConfig, tracking_uri: str) -> Decision:
+    """Score `candidate` and `champion` on the same held-out text; move `champion` to the
+    candidate only if its loss is lower by more than `cfg.promote_margin` (or there is no
+    champion). The decision and both figures become tags on the candidate's version."""
+    client = MlflowClient(tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException as e:
+        raise PromotionError(f"registered model {name!r} not found at {tracking_uri}") from e
+    candidate = _version_by_alias(client, name, cfg.alias)
+    if candidate is None:
+        raise PromotionError(f"model {name!r} has no version with alias {cfg.alias!r}; "
+                             f"register one first (lmforge train|tune)")
+    champion = _version_by_alias(client, name, cfg.champion_alias)
+    text = heldout_text(data, cfg.eval_chars)
+
+    def score(version: str) -> float:
+        with tempfile.TemporaryDirectory(prefix="lmforge-gate-") as tmp:
+            loaded = load_model(f"models:/{name}/{version}", tracking_uri, dst=tmp)
+        return loss_per_char(loaded.model, loaded.tokenizer, text)
+
+    cand_loss = score(candidate.version)
+    champ_loss = None
+    if champion is None:
+        promoted, reason = True, f"no {cfg.champion_alias} yet"
+    elif champion.version == candidate.version:
+        champ_loss = cand_loss
+        promoted, reason = False, f"version {candidate.version} is already {cfg.champion_alias}"
+    else:
+        champ_loss = score(champion.version)
+        promoted = cand_loss < champ_loss - cfg.promote_margin
+        reason = (f"candidate {cand_loss:.4f} vs {cfg.champion_alias} {champ_loss:.4f} nats/char: "
+                  f"{'better' if promoted else 'not better'} by more than the margin "
+                  f"{cfg.promote_margin:g}")
+    if promoted:
+        client.set_registered_model_alias(name, cfg.champion_alias, candidate.version)
+    decision = Decision(name, int(candidate.version),
+                        int(champion.version) if champion is not None else None,
+                        cand_loss, champ_loss, cfg.promote_margin, promoted, reason)
+    tags = {"decision": "promoted" if promoted else "refused", "reason": reason,
+            "candidate_loss": f"{cand_loss:.6f}",
+            "champion_loss": "" if champ_loss is None else f"{champ_loss:.6f}",
+            "champion_version": "" if champion is None else champion.version,
+            "margin": f"{cfg.promote_margin:g}", "data_fingerprint": data.fingerprint,
+            "eval_chars": str(len(text)), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, candidate.version, f"lmforge.gate.{key}", value)
+    client.update_model_version(name, candidate.version, description=(
+        f"Promotion gate {tags['time']}: {tags['decision']} ({reason})."))
+    return decision

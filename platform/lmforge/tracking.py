@@ -8,8 +8,12 @@ of a training run logs.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata as md
 import json
+import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +74,39 @@ class RunTracker:
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, obj, artifact_file)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """Rows as an MLflow table artifact (the UI's "Evaluation" table view reads it)."""
+        import pandas as pd
+
+        self.client.log_table(self.run_id, pd.DataFrame(rows), artifact_file)
+
+    def log_figure(self, fig: Any, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, fig, artifact_file)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    @contextlib.contextmanager
+    def system_metrics(self, interval_s: float) -> Iterator[None]:
+        """MLflow's own system-metrics sampler (psutil: CPU, memory, disk, network) on this
+        run, for the duration of the block; `interval_s` 0 turns it off."""
+        if interval_s <= 0:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s,
+                                       tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, local_dir, artifact_path)
 
@@ -103,6 +140,25 @@ class RunTracker:
         plt.close(fig)
 
 
+PACKAGES = ("lmforge", "ray", "torch", "transformers", "datasets", "tokenizers", "mlflow",
+            "optuna")
+
+
+def lineage_tags(data_fingerprint: str, tokenizer: str) -> dict[str, str]:
+    """What every run records about where it came from: data fingerprint, tokenizer,
+    package versions, and the git commit when the working directory is a checkout."""
+    tags = {"lmforge.data_fingerprint": data_fingerprint, "lmforge.tokenizer": tokenizer,
+            "lmforge.versions": json.dumps({p: md.version(p) for p in PACKAGES})}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return tags
+    if commit.returncode == 0:
+        tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    return tags
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}: spec fields as MLflow params."""
     flat: dict[str, Any] = {}
@@ -115,4 +171,4 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-__all__ = ["RunTracker", "experiment_id", "flatten"]
+__all__ = ["RunTracker", "experiment_id", "flatten", "lineage_tags"]
