@@ -63,18 +63,32 @@ class TokenizerConfig(Section):
 
 
 class ModelConfig(Section):
-    arch: Literal["gpt2"] = "gpt2"
-    """Architecture built from this config with random initialisation."""
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    """Architecture built from this config with random initialisation: `gpt2` (learned
+    positions, GELU MLP, LayerNorm) or `llama` (RoPE, SwiGLU MLP, RMSNorm, grouped-query
+    attention). Ignored when `pretrained` is set."""
+    pretrained: str | None = None
+    """A local Hugging Face `AutoModelForCausalLM` directory (or a hub id, with a network) to
+    fine-tune instead of a random init; weights load from safetensors only. Pair it with
+    `tokenizer.kind: pretrained` and `tokenizer.path` naming the same model."""
     n_layer: int = Field(4, gt=0)
     """Transformer blocks."""
     n_head: int = Field(4, gt=0)
     """Attention heads per block; must divide `n_embd`."""
+    n_kv_head: int | None = Field(None, gt=0)
+    """`llama` only: key/value heads for grouped-query attention (default `n_head`); must
+    divide `n_head`."""
     n_embd: int = Field(128, gt=0)
     """Hidden size."""
+    intermediate_size: int | None = Field(None, gt=0)
+    """MLP width (default 4 x `n_embd` for gpt2, about 8/3 x `n_embd` rounded to 64 for llama)."""
     block_size: int = Field(128, ge=8)
     """Context length: tokens per training sequence and the model's maximum positions."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on embeddings, attention and residuals."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel: PyTorch's scaled_dot_product_attention (fused, the default) or the
+    reference implementation."""
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
@@ -82,6 +96,9 @@ class ModelConfig(Section):
             raise ValueError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
             )
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head "
+                             f"({self.n_head})")
         return self
 
 
@@ -92,10 +109,21 @@ class TrainConfig(Section):
     """CPUs Ray reserves for each worker. Torch uses max(1, int(this)) threads."""
     use_gpu: bool = False
     """One GPU per worker (NCCL) instead of CPU (gloo)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Data parallelism: `ddp` replicates the model on every worker and all-reduces
+    gradients; `fsdp` shards parameters, gradients and optimizer state across workers
+    (FSDP2 `fully_shard` per transformer block, then the root). Both run on CPU (gloo) and
+    GPU (nccl)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute dtype. `bf16`/`fp16` run the forward pass under autocast (FSDP: a mixed
+    precision policy) with fp32 master weights; `fp16` adds a gradient scaler."""
     steps: int = Field(200, gt=0)
     """Optimizer steps to run."""
     micro_batch_size: int = Field(12, gt=0)
-    """Sequences per worker per step; global batch = micro_batch_size * workers."""
+    """Sequences per worker per micro-step."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-steps per optimizer step, gradients synchronised on the last only;
+    global batch = micro_batch_size * grad_accum * workers."""
     lr: float = Field(1e-3, gt=0, le=1.0)
     """Peak learning rate, reached after warmup."""
     min_lr: float | None = Field(None, ge=0)
@@ -108,22 +136,41 @@ class TrainConfig(Section):
     """AdamW betas."""
     grad_clip: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this (0 disables)."""
+    fused_optimizer: bool = True
+    """Use the fused AdamW kernel (one kernel for all parameters) where the device has one."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, more compute."""
+    compile: bool = False
+    """`torch.compile` the model (a warm-up of tens of seconds, then faster steps)."""
     eval_every: int = Field(50, gt=0)
     """Steps between validation passes (the last step is always evaluated)."""
     eval_batches: int = Field(10, gt=0)
     """Validation batches per rank per pass (a fixed set, so passes are comparable)."""
+    early_stopping_patience: int | None = Field(None, gt=0)
+    """Stop after this many evaluations in a row without a new best validation loss
+    (by more than `early_stopping_min_delta`). Unset: always run `steps`."""
+    early_stopping_min_delta: float = Field(0.0, ge=0)
+    """Improvement in validation loss that counts as a new best for early stopping."""
     log_every: int = Field(10, gt=0)
-    """Steps between training-metric logs."""
+    """Steps between training-metric logs (loss, LR, tokens/s, step time, MFU, memory)."""
+    peak_flops: float | None = Field(None, gt=0)
+    """Peak FLOP/s of one device at the training precision, for MFU. Default: looked up for
+    known GPUs (A100, H100, H200, ...); unset on CPU, where MFU is then not reported."""
+    checkpoint_every: int | None = Field(None, gt=0)
+    """Steps between checkpoints (default `eval_every`); each one also evaluates, so every
+    checkpoint has a validation loss to rank it by. A killed worker redoes at most this
+    many steps."""
     seed: int = 1337
     """Seed for initialisation and data order."""
     storage_path: str = "runs/ray"
     """Where Ray Train persists checkpoints and results."""
     keep_checkpoints: int = Field(2, gt=0)
-    """Checkpoints kept (the best by validation loss; Ray also keeps the latest). One is
-    written at every evaluation."""
+    """Checkpoints kept: the best this many by validation loss, plus always the latest (the
+    one a restart resumes from), through Ray Train's `CheckpointConfig`."""
     max_failures: int = Field(2, ge=-1)
     """Times Ray Train restarts the worker group after a worker dies (-1: no limit); each
-    restart resumes from the latest checkpoint, so at most `eval_every` steps are redone."""
+    restart resumes from the latest checkpoint, so at most `checkpoint_every` steps are
+    redone."""
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> TrainConfig:
@@ -139,6 +186,10 @@ class TrainConfig(Section):
     @property
     def final_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def checkpoint_interval(self) -> int:
+        return self.checkpoint_every or self.eval_every
 
 
 class LogUniform(Section):
@@ -416,6 +467,12 @@ def _make_paths_absolute(spec: JobSpec) -> None:
         value = getattr(owner, field)
         if value is not None and "://" not in value:
             setattr(owner, field, str(Path(value).expanduser().resolve()))
+    # A pretrained model is a local directory or a hub id: only an existing path is resolved.
+    for owner in (spec.model, spec.tokenizer):
+        name = "pretrained" if owner is spec.model else "path"
+        value = getattr(owner, name)
+        if value is not None and Path(value).expanduser().exists():
+            setattr(owner, name, str(Path(value).expanduser().resolve()))
 
 
 def _check_corpus(data: DataConfig, source: str) -> None:

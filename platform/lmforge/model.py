@@ -1,19 +1,48 @@
-"""Build the Hugging Face causal LM a spec describes (random init)."""
+"""Build the Hugging Face causal LM a spec describes: GPT-2 or Llama from config (random
+init), or a pretrained `AutoModelForCausalLM` to fine-tune."""
 
 from __future__ import annotations
 
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 
 from lmforge.config import ModelConfig
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PreTrainedModel:
+    """The model to train, on the CPU in fp32. Seed torch first: the init is random."""
+    if cfg.pretrained:
+        return load_pretrained(cfg.pretrained, vocab_size, cfg.attn_implementation)
+    if cfg.arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.n_embd,
+            intermediate_size=cfg.intermediate_size or _swiglu_width(cfg.n_embd),
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_kv_head or cfg.n_head,
+            max_position_embeddings=cfg.block_size,
+            attention_dropout=cfg.dropout,
+            tie_word_embeddings=True,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+            pad_token_id=eos_id,
+        )
+        config._attn_implementation = cfg.attn_implementation
+        return LlamaForCausalLM(config)
     config = GPT2Config(
         vocab_size=vocab_size,
         n_positions=cfg.block_size,
         n_embd=cfg.n_embd,
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
+        n_inner=cfg.intermediate_size,
         resid_pdrop=cfg.dropout,
         embd_pdrop=cfg.dropout,
         attn_pdrop=cfg.dropout,
@@ -21,8 +50,48 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PreTrainedMod
         eos_token_id=eos_id,
         pad_token_id=eos_id,
     )
+    config._attn_implementation = cfg.attn_implementation
     return GPT2LMHeadModel(config)
+
+
+def load_pretrained(path: str, vocab_size: int, attn_implementation: str) -> PreTrainedModel:
+    """A local (or hub) checkpoint to fine-tune; safetensors only, never pickled weights."""
+    model = AutoModelForCausalLM.from_pretrained(
+        path, use_safetensors=True, torch_dtype="float32", attn_implementation=attn_implementation)
+    if model.get_input_embeddings().num_embeddings < vocab_size:
+        raise ValueError(
+            f"model.pretrained: {path!r} has {model.get_input_embeddings().num_embeddings} "
+            f"token embeddings but the tokenizer has {vocab_size} tokens; use the model's own "
+            "tokenizer (tokenizer.kind: pretrained, tokenizer.path: the same directory)")
+    return model
+
+
+def transformer_blocks(model: PreTrainedModel) -> list:
+    """The repeated blocks (FSDP shards and activation checkpointing act per block)."""
+    base = model.base_model
+    blocks = getattr(base, "h", None) or getattr(base, "layers", None)
+    if blocks is None:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return list(blocks)
 
 
 def count_parameters(model: PreTrainedModel) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls of forward + backward, plus attention's
+    12 * layers * width * seq_len (the PaLM paper's appendix B estimate, as in nanoGPT)."""
+    cfg = model.config
+    # Learned position embeddings are a lookup, not a matmul; token embeddings stay in N
+    # because the (tied) output projection is a matmul with them.
+    wpe = getattr(model.base_model, "wpe", None)
+    n = count_parameters(model) - (wpe.weight.numel() if wpe is not None else 0)
+    layers = cfg.num_hidden_layers
+    width = cfg.hidden_size
+    return 6 * n + 12 * layers * width * seq_len
+
+
+def _swiglu_width(n_embd: int) -> int:
+    # Llama's 2/3 * 4d for a gated MLP, rounded up to a multiple of 64.
+    return -(-int(8 * n_embd / 3) // 64) * 64

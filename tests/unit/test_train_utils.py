@@ -6,13 +6,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, LlamaForCausalLM
 
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.data import ValidationSet
-from lmforge.model import build_model, count_parameters
-from lmforge.train.checkpoint import load_training_state, save_checkpoint
-from lmforge.train.loop import evaluate, lr_at, make_optimizer
+from lmforge.model import build_model, count_parameters, flops_per_token
+from lmforge.train.checkpoint import (
+    IncompleteCheckpoint,
+    export_hf,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lmforge.train.loop import TrainerState, evaluate, lr_at, make_optimizer
+from lmforge.train.parallel import Parallel
 
 # --- learning-rate schedule ----------------------------------------------------------
 
@@ -150,6 +156,19 @@ def test_evaluate_is_mean_token_loss_over_the_fixed_set(tmp_path):
 
 # --- checkpoints ---------------------------------------------------------------------
 
+CPU = torch.device("cpu")
+
+
+def ddp(**overrides) -> Parallel:
+    """The DDP strategy as one process sees it (no process group: no wrapper)."""
+    return Parallel(TrainConfig(**overrides), CPU)
+
+
+def save(directory, model, opt, par: Parallel, tokenizer_dir: str, step: int) -> None:
+    state = TrainerState(step=step, best_val_loss=1.5)
+    save_checkpoint(directory, model, par, opt, 0, tokenizer_dir,
+                    {**state.__dict__, "metrics": {"val_loss": 1.5}})
+
 
 @pytest.fixture
 def trained(tmp_path, tokenizer_dir):
@@ -158,14 +177,15 @@ def trained(tmp_path, tokenizer_dir):
     opt = make_optimizer(model, TrainConfig(lr=1e-2))
     train_steps(model, opt, 3)
     ckpt = tmp_path / "ckpt"
-    save_checkpoint(ckpt, model, tokenizer_dir, opt, step=3, metrics={"val_loss": 1.5})
+    save(ckpt, model, opt, ddp(), tokenizer_dir, step=3)
     return model, opt, ckpt
 
 
 def test_checkpoint_is_hugging_face_format(trained):
     model, _, ckpt = trained
     names = {p.name for p in ckpt.iterdir()}
-    assert {"model.safetensors", "config.json", "tokenizer.json"} <= names
+    assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.json",
+            "optimizer.pt", "rng_rank0.pt"} <= names
     assert "pytorch_model.bin" not in names
     reloaded = GPT2LMHeadModel.from_pretrained(ckpt).eval()
     x, _ = fixed_batch(1)
@@ -175,14 +195,14 @@ def test_checkpoint_is_hugging_face_format(trained):
     assert tok.decode(tok.encode("the fox", add_special_tokens=False)) == "the fox"
 
 
-def test_load_training_state_restores_weights_optimizer_and_step(trained):
+def test_load_checkpoint_restores_weights_optimizer_and_step(trained):
     model, opt, ckpt = trained
     fresh = tiny(seed=1)
     fresh_opt = make_optimizer(fresh, TrainConfig(lr=1e-2))
     assert not torch.equal(fresh.transformer.wte.weight, model.transformer.wte.weight)
 
-    meta = load_training_state(ckpt, fresh, fresh_opt)
-    assert meta["step"] == 3 and meta["attempt"] == 1
+    state = load_checkpoint(ckpt, fresh, ddp(), fresh_opt, rank=0)
+    assert state["step"] == 3 and state["attempt"] == 1 and state["best_val_loss"] == 1.5
 
     for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(),
                                  strict=True):
@@ -203,18 +223,151 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(trained):
 
     resumed = tiny(seed=1)
     resumed_opt = make_optimizer(resumed, TrainConfig(lr=1e-2))
-    load_training_state(ckpt, resumed, resumed_opt)
+    load_checkpoint(ckpt, resumed, ddp(), resumed_opt, rank=0)
     assert train_steps(resumed, resumed_opt, 3) == uninterrupted
     for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
-def test_load_training_state_restores_the_rng(tmp_path, tokenizer_dir):
+def test_load_checkpoint_restores_this_ranks_rng(tmp_path, tokenizer_dir):
     model = tiny()
     opt = make_optimizer(model, TrainConfig())
     torch.manual_seed(123)
-    save_checkpoint(tmp_path / "c", model, tokenizer_dir, opt, step=1, metrics={})
+    save(tmp_path / "c", model, opt, ddp(), tokenizer_dir, step=1)
     expected = torch.rand(5)
     other = tiny(seed=9)  # reseeds the RNG
-    load_training_state(tmp_path / "c", other, make_optimizer(other, TrainConfig()))
+    load_checkpoint(tmp_path / "c", other, ddp(), make_optimizer(other, TrainConfig()), rank=0)
     assert torch.equal(torch.rand(5), expected)
+
+
+def test_half_written_checkpoint_is_refused(trained, tmp_path):
+    """A checkpoint is complete or absent: without its final marker it never loads."""
+    _, _, ckpt = trained
+    (ckpt / "trainer_state.json").unlink()  # what a crash before the last write leaves
+    model = tiny(seed=1)
+    with pytest.raises(IncompleteCheckpoint, match="never finished"):
+        load_checkpoint(ckpt, model, ddp(), make_optimizer(model, TrainConfig()), rank=0)
+
+
+def test_export_of_a_ddp_checkpoint_is_a_loadable_hf_directory(trained, tmp_path):
+    model, _, ckpt = trained
+    out = export_hf(ckpt, tmp_path / "export")
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in names and "tokenizer.json" in names
+    assert not names & {"optimizer.pt", "rng_rank0.pt", "trainer_state.json"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export-")]  # no temp left
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    x, _ = fixed_batch(1)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=x).logits, model.eval()(input_ids=x).logits)
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-rank gloo group: enough for FSDP2 and distributed checkpoints without Ray."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_fsdp_checkpoint_round_trip_and_export(process_group, tmp_path, tokenizer_dir):
+    """FSDP2 writes sharded torch.distributed.checkpoint files; they resume the same model
+    and optimizer, and export to one Hugging Face directory that serves the same logits."""
+    par = Parallel(TrainConfig(strategy="fsdp", lr=1e-2), CPU)
+    model = par.wrap(tiny(seed=0))
+    opt = make_optimizer(model, par.cfg)
+    train_steps(model, opt, 3)
+    save(tmp_path / "ckpt", model, opt, par, tokenizer_dir, step=3)
+    assert (tmp_path / "ckpt" / "dcp" / ".metadata").exists()
+    assert not (tmp_path / "ckpt" / "model.safetensors").exists()
+    uninterrupted = train_steps(model, opt, 3)
+
+    resumed = par.wrap(tiny(seed=1))
+    resumed_opt = make_optimizer(resumed, par.cfg)
+    assert load_checkpoint(tmp_path / "ckpt", resumed, par, resumed_opt, rank=0)["step"] == 3
+    assert train_steps(resumed, resumed_opt, 3) == pytest.approx(uninterrupted, abs=1e-6)
+
+    out = export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    reference = tiny(seed=0)
+    ref_opt = make_optimizer(reference, TrainConfig(lr=1e-2))
+    train_steps(reference, ref_opt, 3)  # the same 3 steps, unsharded
+    x, _ = fixed_batch(1)
+    with torch.no_grad():
+        assert torch.allclose(exported(input_ids=x).logits,
+                              reference.eval()(input_ids=x).logits, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(out).vocab_size == AutoTokenizer.from_pretrained(
+        tokenizer_dir).vocab_size
+
+
+# --- strategy pieces ------------------------------------------------------------------
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """Two micro-steps of half the batch, loss / 2 each, give the big batch's gradient."""
+    x, y = fixed_batch(3)
+    big, acc = tiny(seed=0), tiny(seed=0)
+    loss_on(big, x, y).backward()
+    par = ddp(grad_accum=2)
+    for i, half in enumerate((slice(0, 2), slice(2, 4))):
+        with par.micro_step(acc, last=i == 1):
+            loss = loss_on(acc, x[half], y[half]) / 2
+        par.backward(loss)
+    for (name, a), b in zip(big.named_parameters(), acc.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_clip_and_step_clips_reports_the_norm_and_zeroes_grads():
+    model = tiny()
+    par = ddp(grad_clip=0.01)
+    opt = make_optimizer(model, par.cfg)
+    loss_on(model, *fixed_batch()).backward()
+    norm = par.clip_and_step(model, opt)
+    assert float(norm) > 0.01  # the norm before clipping
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bf16_autocast_on_cpu_runs_the_forward_in_bf16():
+    model = tiny()
+    par = ddp(precision="bf16")
+    with par.micro_step(model, last=True):
+        logits = model(input_ids=fixed_batch()[0]).logits
+    assert logits.dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+def test_fp16_uses_a_grad_scaler():
+    assert ddp(precision="fp16").scaler.is_enabled()
+    assert not ddp(precision="bf16").scaler.is_enabled()
+
+
+def test_fused_adamw_is_used_where_the_device_has_it():
+    assert make_optimizer(tiny(), TrainConfig(), CPU).defaults["fused"]
+    assert not make_optimizer(tiny(), TrainConfig(fused_optimizer=False), CPU).defaults["fused"]
+
+
+def test_llama_from_config():
+    model = build_model(ModelConfig(arch="llama", n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                                    block_size=32), vocab_size=50, eos_id=0)
+    assert isinstance(model, LlamaForCausalLM)
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_key_value_heads) == (2, 64, 2)
+    assert c.intermediate_size % 64 == 0 and c.max_position_embeddings == 32
+    assert model(input_ids=torch.zeros(1, 32, dtype=torch.long)).logits.shape == (1, 32, 50)
+
+
+def test_pretrained_model_loads_from_a_local_directory(tmp_path):
+    tiny(seed=4).save_pretrained(tmp_path / "base")
+    model = build_model(ModelConfig(pretrained=str(tmp_path / "base")), VOCAB, EOS_ID)
+    assert torch.equal(model.transformer.wte.weight, tiny(seed=4).transformer.wte.weight)
+    with pytest.raises(ValueError, match="model.pretrained.*50 token embeddings"):
+        build_model(ModelConfig(pretrained=str(tmp_path / "base")), VOCAB + 1, EOS_ID)
+
+
+def test_flops_per_token_is_six_n_plus_attention():
+    model = tiny()
+    n = count_parameters(model) - model.transformer.wpe.weight.numel()
+    assert flops_per_token(model, 16) == 6 * n + 12 * 2 * 32 * 16

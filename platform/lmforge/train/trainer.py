@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
@@ -13,7 +14,12 @@ from lmforge.config import JobSpec
 from lmforge.data import PreparedData
 from lmforge.storage import require_shared
 from lmforge.tracking import RunTracker
+from lmforge.train.checkpoint import DCP_DIR, export_hf
 from lmforge.train.loop import train_fn_per_worker
+
+
+class RunExists(RuntimeError):
+    """A run of this name already has state in storage and resuming was not asked for."""
 
 
 @dataclass(frozen=True)
@@ -23,11 +29,13 @@ class TrainOutcome:
     best_val_loss: float
     tokens_per_s: float
     checkpoint: str
-    """Directory of the checkpoint with the lowest validation loss (Hugging Face format)."""
+    """Directory of the checkpoint with the lowest validation loss, in Hugging Face format
+    (for FSDP, the export of its shards)."""
     attempts: int
     """Worker-group attempts that reported: 1 + restarts resumed from a checkpoint."""
     resumed_from_step: int
     """Step the final attempt started from (0 when it never restarted)."""
+    stopped_early: bool = False
 
 
 def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
@@ -44,7 +52,7 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(cfg.storage_path).resolve()),
+            storage_path=cfg.storage_path,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute="val_loss",
@@ -56,13 +64,41 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
     )
 
 
+def run_exists(storage_path: str, name: str) -> bool:
+    """Whether Ray Train has state for run `name` under `storage_path` (local or a URI)."""
+    if "://" in storage_path:
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    else:
+        fs, root = pyarrow.fs.LocalFileSystem(), storage_path
+    return fs.get_file_info(f"{root.rstrip('/')}/{name}").type != pyarrow.fs.FileType.NotFound
+
+
 def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
-                 callbacks: Sequence[UserCallback] = ()) -> TrainOutcome:
+                 callbacks: Sequence[UserCallback] = (), resume: bool = False) -> TrainOutcome:
+    """Train to `train.steps` (or an early stop). Ray Train restores a run from the state it
+    finds in storage under `name`, so an existing run continues only when `resume` is set;
+    otherwise it is refused rather than silently continued."""
+    if not resume and run_exists(spec.train.storage_path, name):
+        raise RunExists(
+            f"run {name!r} already exists under train.storage_path ({spec.train.storage_path});"
+            " pass --resume to continue it, or set another tracking.run_name")
     result = build_trainer(spec, data, tracker, name, callbacks).fit()
     best = result.get_best_checkpoint(metric="val_loss", mode="min") or result.checkpoint
     if best is None:
         raise RuntimeError(f"training run {name!r} reported no checkpoint")
     m = result.metrics
     return TrainOutcome(steps=m["step"], val_loss=m["val_loss"], best_val_loss=m["best_val_loss"],
-                        tokens_per_s=m["tokens_per_s"], checkpoint=best.path,
-                        attempts=m["attempt"], resumed_from_step=m["resumed_from_step"])
+                        tokens_per_s=m["tokens_per_s"], checkpoint=hf_directory(best),
+                        attempts=m["attempt"], resumed_from_step=m["resumed_from_step"],
+                        stopped_early=m.get("stopped_early", False))
+
+
+def hf_directory(checkpoint) -> str:
+    """A local Hugging Face directory for a reported checkpoint: the checkpoint itself for
+    DDP on local storage, else an export next to it (FSDP shards gathered into one file)."""
+    local = checkpoint.filesystem.type_name == "local"
+    if local and not (Path(checkpoint.path) / DCP_DIR).is_dir():
+        return checkpoint.path
+    with checkpoint.as_directory() as d:
+        root = Path(checkpoint.path).parent if local else Path("runs") / "exports"
+        return str(export_hf(d, root / "hf" / Path(checkpoint.path).name))
