@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import sample
 
 import lmforge.tune as lmtune
 from lmforge.config import JobSpec
-from lmforge.tune import ResourceError, check_fits, search_space, trial_resources
+from lmforge.tune import (
+    ResourceError,
+    TokenBudget,
+    TrialOutcome,
+    _study,
+    check_fits,
+    make_scheduler,
+    make_searcher,
+    objectives,
+    pareto_front,
+    search_space,
+    trial_resources,
+)
 
 SPACE = {
     "train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
@@ -119,3 +132,66 @@ def test_check_fits_counts_gpus_when_training_on_gpu(monkeypatch):
     with pytest.raises(ResourceError, match="2 GPUs"):
         check_fits(spec, cluster_cpus=16)
     check_fits(spec.with_values({"train.workers": 1}), cluster_cpus=16)
+
+
+# --- searcher, scheduler, budget, Pareto set -----------------------------------------
+
+
+def outcome(n: int, loss: float, speed: float, error: str | None = None,
+            lr: float = 1e-3) -> TrialOutcome:
+    return TrialOutcome(trial_id=f"t{n}", config={"train.lr": lr}, status="FINISHED",
+                        steps=10, val_loss=loss, best_val_loss=loss, tokens_per_s=speed,
+                        tokens=100, checkpoint=f"/c{n}", mlflow_run_id=f"r{n}", error=error)
+
+
+def test_token_budget_sums_each_trials_latest_report():
+    stop = TokenBudget(1000)
+    assert stop("a", {"tokens": 300}) is False and not stop.stop_all()
+    stop("a", {"tokens": 600})  # the same trial again: its latest count, not a sum
+    stop("b", {"tokens": 300})
+    assert not stop.stop_all()
+    stop("b", {"tokens": 400})
+    assert stop.stop_all()
+
+
+def test_scheduler_is_asha_in_steps_unless_fifo_or_multi_objective():
+    spec = spec_with(train={"steps": 100, "warmup_steps": 1},
+                     tune={"grace_period": 10, "reduction_factor": 3})
+    asha = make_scheduler(spec)
+    assert isinstance(asha, ASHAScheduler) and asha._time_attr == "step"
+    assert asha._max_t == 100 and asha._reduction_factor == 3
+    for tune_cfg in ({"scheduler": "fifo"}, {"multi_objective": True}):
+        other = spec.model_copy(update={"tune": spec.tune.model_copy(update=tune_cfg)})
+        assert type(make_scheduler(other)) is FIFOScheduler
+
+
+def test_searcher_objectives_and_seeded_samplers():
+    import optuna
+
+    single = spec_with(tune={"seed": 7}).tune
+    assert objectives(single) == {"val_loss": "min"}
+    tpe = make_searcher(single)
+    assert tpe._metric == "val_loss" and isinstance(tpe._sampler, optuna.samplers.TPESampler)
+    multi = spec_with(tune={"multi_objective": True, "searcher": "random"}).tune
+    assert objectives(multi) == {"val_loss": "min", "tokens_per_s": "max"}
+    rnd = make_searcher(multi)
+    assert rnd._metric == ["val_loss", "tokens_per_s"] and rnd._mode == ["min", "max"]
+    assert isinstance(rnd._sampler, optuna.samplers.RandomSampler)
+
+
+def test_pareto_front_keeps_the_non_dominated_trials():
+    trials = [outcome(0, 1.0, 100), outcome(1, 1.2, 300), outcome(2, 1.1, 200),
+              outcome(3, 1.3, 150), outcome(4, 1.05, 90)]
+    front = pareto_front(trials)
+    # 3 is beaten by 1 and 2 on both; 4 by 0. Sorted by loss.
+    assert [t.trial_id for t in front] == ["t0", "t2", "t1"]
+
+
+def test_study_marks_failed_trials_and_keeps_params():
+    from optuna.trial import TrialState
+
+    space = spec_with(tune={"search_space": SPACE}).tune.search_space
+    trials = [outcome(0, 1.0, 1, lr=2e-3), outcome(1, float("inf"), 0, error="boom", lr=5e-3)]
+    study = _study(trials, space, multi=False)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert study.trials[0].params == {"train.lr": 2e-3} and study.best_value == 1.0
