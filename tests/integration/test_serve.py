@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -286,3 +287,37 @@ def test_oversized_body_gets_413_declared_or_chunked(endpoint: httpx.Client):
     chunked = endpoint.post("/v1/completions", content=iter([big[:700_000], big[700_000:]]),
                             headers={"content-type": "application/json"})
     assert chunked.status_code == 413, chunked.text
+
+
+# --- the playground page, in a real headless browser -----------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_playground_streams_text_into_the_page(endpoint: httpx.Client, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium; CI's .ci/run does)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"])
+        try:
+            page = browser.new_page()
+            page.goto(str(endpoint.base_url))
+            page.fill("#api_key", API_KEY)
+            page.dispatch_event("#api_key", "change")
+            expect(page.locator("#model")).to_have_text("model: tiny", timeout=30_000)
+            page.fill("#prompt", "the ")
+            page.fill("#max_tokens", "12")
+            page.fill("#temperature", "0")
+            page.click("#generate")
+            expect(page.locator("#status")).to_contain_text("done", timeout=30_000)
+            shown = page.inner_text("#output")
+        finally:
+            browser.close()
+    expected = complete(endpoint, max_tokens=12)["choices"][0]["text"]
+    assert shown == "the " + expected and expected  # the prompt, then the streamed text

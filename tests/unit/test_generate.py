@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from lmforge.data.tokenizer import EOS
-from lmforge.serve.generate import GenerationParams, generate_batch
+from lmforge.serve.generate import GenerationParams, decode_stream, generate_batch
 from lmforge.serve.schemas import CompletionRequest, CompletionResponse, error_body
 
 PROMPTS = ["the", "quick brown fox jumps", "a", "def f_1(x):\n    return"]
@@ -120,12 +120,65 @@ def test_eos_ends_a_request_without_appearing_in_it(gen, request_for, tiny_model
     assert out.finish_reason == "stop"
 
 
+class CountRows(torch.nn.Module):
+    """Wraps a model and records the batch size of every forward pass."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.rows = inner, []
+
+    def forward(self, **kwargs):
+        self.rows.append(kwargs["input_ids"].shape[0])
+        return self.inner(**kwargs)
+
+
+def test_a_finished_request_leaves_the_batch_at_once(tiny_model, char_tok, request_for):
+    model = CountRows(tiny_model)
+    requests = [request_for("the", max_tokens=2, temperature=0),
+                request_for("quick", max_tokens=5, temperature=0),
+                request_for("a", max_tokens=9, temperature=0)]
+    steps = list(decode_stream(model, char_tok, requests))
+    # Its last delta (with finish_reason) comes on its own last step, then None.
+    assert [s[0].finish_reason if s[0] else None for s in steps[:3]] == [None, "length", None]
+    assert steps[2][0] is None and steps[5][1] is None
+    assert model.rows == [3, 3, 2, 2, 2, 1, 1, 1, 1]  # finished rows are dropped
+    assert len(steps) == 9
+    alone = [generate_batch(tiny_model, char_tok, [r])[0].token_ids for r in requests]
+    batched = generate_batch(tiny_model, char_tok, requests)
+    assert [b.token_ids for b in batched] == alone  # pruning the cache changes nothing
+
+
+def test_streamed_text_never_shows_part_of_a_stop_sequence(gen, request_for, tiny_model,
+                                                           char_tok):
+    full = gen(request_for("quick brown", max_tokens=30, temperature=0))[0].text
+    stop = full[6:9]
+    req = request_for("quick brown", max_tokens=30, temperature=0, stop=(stop, "zzzz"))
+    shown = ""
+    for step in decode_stream(tiny_model, char_tok, [req]):
+        shown += step[0].text
+        assert stop not in shown and not shown.endswith(stop[:2])  # held back until decided
+    assert shown == full[: full.index(stop)]
+
+
+def test_top_k_one_is_greedy_and_top_k_limits_choices(gen, request_for):
+    greedy = gen(request_for("the", temperature=0))[0]
+    for seed in range(3):
+        assert gen(request_for("the", temperature=1.5, top_k=1, seed=seed))[0].token_ids == \
+            greedy.token_ids
+    wide = {tuple(gen(request_for("the", max_tokens=1, temperature=2.0, seed=s))[0].token_ids)
+            for s in range(40)}
+    narrow = {tuple(gen(request_for("the", max_tokens=1, temperature=2.0, top_k=2,
+                                    seed=s))[0].token_ids) for s in range(40)}
+    assert len(narrow) <= 2 < len(wide)
+
+
 # --- request schema ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("field", "value"), [
     ("max_tokens", -1), ("max_tokens", 0), ("temperature", 3), ("temperature", -0.1),
-    ("top_p", 0), ("top_p", 1.5), ("n", 2), ("stream", True), ("prompt", ""),
+    ("top_p", 0), ("top_p", 1.5), ("n", 0), ("n", 9), ("stream", "yes"), ("prompt", ""),
+    ("top_k", -1),
     ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]), ("best_of", 2),
 ])
 def test_completion_request_rejects_bad_field(field, value):
@@ -138,8 +191,8 @@ def test_completion_request_rejects_bad_field(field, value):
 def test_completion_request_defaults_and_stop_list():
     req = CompletionRequest.model_validate({"prompt": "hi", "stop": "\n"})
     assert req.stop == ["\n"]
-    assert (req.max_tokens, req.temperature, req.top_p, req.n, req.stream) == (16, 1.0, 1.0,
-                                                                                 1, False)
+    assert (req.max_tokens, req.temperature, req.top_p, req.top_k, req.n, req.stream) == (
+        16, 1.0, 1.0, 0, 1, False)
     assert CompletionRequest(prompt="hi").stop is None
 
 
