@@ -296,6 +296,8 @@ CHROMIUM = "/usr/bin/chromium"
 
 def test_playground_streams_text_into_the_page(endpoint: httpx.Client, tmp_path):
     if not os.path.exists(CHROMIUM):
+        if os.environ.get("LMFORGE_REQUIRE_CHROMIUM"):  # set by .ci/run, which installs it
+            pytest.fail(f"{CHROMIUM} missing but LMFORGE_REQUIRE_CHROMIUM is set")
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium; CI's .ci/run does)")
     from playwright.sync_api import expect, sync_playwright
 
