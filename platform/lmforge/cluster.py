@@ -51,6 +51,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 STATE_FILE = "state.json"
 _STOP_GRACE_S = 30
 
@@ -92,13 +94,23 @@ def _ray_cli() -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Running, not a zombie (an exited process nobody reaped yet is gone for our purposes)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    return True
+
+
+def group_members(pgids: list[int]) -> list[int]:
+    """Live processes (not zombies) in the given process groups."""
+    out = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) in pgids:
+                out.append(p.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return out
 
 
 @dataclass
@@ -254,13 +266,19 @@ class LocalCluster:
             while _pid_alive(pid) and time.monotonic() < deadline:
                 _reap(pid)
                 time.sleep(0.1)
-        # Backstop for anything the node left behind in its own process group.
-        for pid in self.pids:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            _reap(pid)
+        # Backstop for anything a node left behind in its own process group (SIGKILL is
+        # asynchronous: poll, bounded, until the groups are empty).
+        deadline = time.monotonic() + _STOP_GRACE_S
+        while left := group_members(self.pids):
+            for pid in self.pids:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                _reap(pid)
+            if time.monotonic() > deadline:
+                raise ClusterError(f"processes {left} of the local cluster did not exit")
+            time.sleep(0.1)
         for d in self.temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
         (self.root / STATE_FILE).unlink(missing_ok=True)
@@ -295,3 +313,27 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def serve_app(args: dict[str, str]):  # -> ray.serve.Application
+    """Serve application builder for a cluster's Serve config (KubeRay RayService
+    serveConfigV2, `serve deploy`, `serve run lmforge.cluster:serve_app model_uri=...`).
+
+    args: `model_uri` (models:/NAME@ALIAS, pinned and followed as in `lmforge serve`),
+    optional `spec` (a job spec whose serve and tracking sections apply), optional
+    `tracking_uri` (default: the spec's, then $MLFLOW_TRACKING_URI). Every other
+    `serve.KEY` arg overrides that serve setting, as on `lmforge serve`'s command line.
+    """
+    import functools
+
+    from lmforge.config import load, resolve_tracking_uri
+    from lmforge.registry import load_model
+    from lmforge.serve import build_app, pin_alias
+
+    if "model_uri" not in args:
+        raise ValueError("serve_app: args.model_uri is required (e.g. models:/NAME@champion)")
+    overrides = [f"{k}={v}" for k, v in args.items() if k.startswith("serve.")]
+    job = load(Path(args["spec"]) if args.get("spec") else None, overrides)
+    uri = args.get("tracking_uri") or resolve_tracking_uri(job.tracking, Path("runs"))
+    return build_app(functools.partial(load_model, tracking_uri=uri), job.serve,
+                     args["model_uri"], functools.partial(pin_alias, tracking_uri=uri))

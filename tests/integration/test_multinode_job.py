@@ -17,7 +17,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lmforge.cluster import LocalCluster
+from lmforge.cluster import LocalCluster, group_members
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = "tests/integration/specs/tiny.yaml"
@@ -43,7 +43,8 @@ print(json.dumps([{"cls": a.class_name, "node": a.node_id, "pid": a.pid, "state"
 
 
 def train_workers(address: str, env: dict[str, str], job_id: str) -> list[dict]:
-    r = subprocess.run([sys.executable, "-c", _TRAIN_WORKERS, address, job_id], env=env,
+    r = subprocess.run([sys.executable, "-c", _TRAIN_WORKERS, address, job_id],
+                       env=dict(env, RAY_AUTH_MODE="token"),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -71,16 +72,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dic
         if started is not None:
             assert down.returncode == 0, down.stderr[-3000:]
             assert not started.running()
-            leftovers = [p.pid for p in psutil.process_iter(["pid"]) if _pgid(p.pid) in
-                         started.pids]
-            assert leftovers == [], f"processes left in the cluster's groups: {leftovers}"
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
+            assert group_members(started.pids) == [], "processes left in the cluster's groups"
 
 
 def test_cluster_status_shows_two_alive_nodes(cluster):
