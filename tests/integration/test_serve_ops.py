@@ -1,0 +1,111 @@
+"""Operating the endpoint: overload is refused at once (429 + Retry-After), a slow request
+times out with 408, and the Prometheus metrics count requests and tokens by model version.
+
+A deliberately slow tiny model (each forward pass sleeps) makes the limits reachable with
+a handful of requests; one Serve app (one replica, batch size 1, one request in flight,
+one queued) serves the whole module.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import cloudpickle
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from lmforge.config import ServeConfig
+from lmforge.registry import LoadedModel
+from lmforge.serve import build_app, deploy
+
+from .conftest import free_port
+from .test_serve import tiny_model
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+STEP_S = 0.05  # seconds each forward pass of the slow model takes
+
+
+class Slow:
+    """A model whose every forward pass takes STEP_S: generation time ~ STEP_S * tokens."""
+
+    def __init__(self, inner) -> None:  # noqa: ANN001
+        self.inner, self.config = inner, inner.config
+
+    def parameters(self):  # noqa: ANN201
+        return self.inner.parameters()
+
+    def __call__(self, **kwargs):  # noqa: ANN003, ANN204
+        time.sleep(STEP_S)
+        return self.inner(**kwargs)
+
+
+def slow_model(uri: str) -> LoadedModel:
+    loaded = tiny_model(uri)
+    return LoadedModel(Slow(loaded.model), loaded.tokenizer, loaded.name)
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_cluster):
+    cfg = ServeConfig(port=free_port(), max_batch_size=1, max_tokens_limit=60,
+                      cpus_per_replica=0.5, max_ongoing_requests=1, max_queued_requests=1,
+                      backpressure_status=429, retry_after_s=2, request_timeout_s=2.0)
+    url = deploy(build_app(slow_model, cfg, "slow"), cfg, name="test-serve-ops")
+    with httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+    serve.shutdown()
+
+
+def test_overload_is_refused_at_once_with_429_and_retry_after(endpoint: httpx.Client):
+    def send(_: int) -> tuple[int, float, str | None]:
+        start = time.perf_counter()
+        r = endpoint.post("/v1/completions", json={"prompt": "the ", "max_tokens": 10})
+        return r.status_code, time.perf_counter() - start, r.headers.get("retry-after")
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(send, range(8)))
+    codes = [c for c, _, _ in results]
+    # One decoding and one queued are answered; the rest are refused, not left waiting.
+    assert codes.count(200) >= 2 and codes.count(429) >= 3, codes
+    assert set(codes) <= {200, 429}, codes
+    refused = [(t, ra) for c, t, ra in results if c == 429]
+    assert all(ra == "2" for _, ra in refused)
+    one_request_s = 10 * STEP_S
+    assert min(t for t, _ in refused) < one_request_s  # at once, before any slot frees
+
+
+def test_a_request_past_the_timeout_gets_408(endpoint: httpx.Client):
+    start = time.perf_counter()
+    r = endpoint.post("/v1/completions", json={"prompt": "the ", "max_tokens": 60})
+    assert r.status_code == 408, r.text
+    assert time.perf_counter() - start < 60 * STEP_S  # cut at the timeout, not the end
+    fine = endpoint.post("/v1/completions", json={"prompt": "the ", "max_tokens": 4})
+    assert fine.status_code == 200  # the replica is not stuck after a timeout
+
+
+def test_prometheus_metrics_count_requests_and_tokens_by_model_version(
+        endpoint: httpx.Client):
+    r = endpoint.post("/v1/completions", json={"prompt": "the ", "max_tokens": 5,
+                                               "temperature": 0})
+    assert r.status_code == 200
+    port = ray._private.worker._global_node.metrics_export_port
+    wanted = ("ray_lmforge_requests_total", "ray_lmforge_generated_tokens_total",
+              "ray_lmforge_time_to_first_token_s_bucket", "ray_lmforge_tokens_per_s_bucket",
+              "ray_serve_num_http_requests")  # ours beside Ray Serve's own
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:  # the metrics agent exports on an interval
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in wanted):
+            break
+        time.sleep(1)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, missing
+    ours = [line for line in text.splitlines()
+            if line.startswith("ray_lmforge_generated_tokens_total{")]
+    assert any('model_version="slow"' in line for line in ours), ours
+    tokens = sum(float(line.rsplit(" ", 1)[1]) for line in ours)
+    assert tokens >= 5
