@@ -289,7 +289,7 @@ class RegistryConfig(Section):
     """How much lower (nats per character of held-out text) the candidate's loss must be
     than the champion's for the gate to promote it."""
     eval_chars: int = Field(20_000, gt=0)
-    """Characters of the spec's held-out text (the tail of the validation split) that the
+    """Characters of held-out text (the start of the spec's validation split) that the
     gate scores both versions on."""
 
 
