@@ -54,7 +54,7 @@ from typing import Any
 import psutil
 
 STATE_FILE = "state.json"
-_STOP_GRACE_S = 30
+_STOP_GRACE_S = 10  # then SIGKILL to the node's own process group
 
 # Polls the State API from a fresh process (the caller's Ray may hold another cluster's
 # token: Ray caches tokens process-wide). Bounded by its own deadline.

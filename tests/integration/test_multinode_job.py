@@ -36,6 +36,9 @@ from ray.job_submission import JobSubmissionClient
 from ray.util.state import list_actors
 address, submission_id = sys.argv[1], sys.argv[2]
 job_id = JobSubmissionClient(address).get_job_info(submission_id).job_id
+if job_id is None:  # the driver has not started yet
+    print("[]")
+    sys.exit()
 actors = list_actors(address=address, filters=[("job_id", "=", job_id)], detail=True)
 print(json.dumps([{"cls": a.class_name, "node": a.node_id, "pid": a.pid, "state": a.state}
                   for a in actors if "TrainWorker" in a.class_name]))
