@@ -60,9 +60,14 @@ def _finish(summary: dict[str, Any]) -> None:
 def _execute(spec: JobSpec, search: bool, register: bool, serve_check: bool,
              resume: bool = False) -> None:
     from lmforge.pipeline import Stages, execute
+    from lmforge.train import RunExists
 
-    summary = execute(spec, Stages(search=search, register=register, serve_check=serve_check),
-                      resume=resume)
+    try:
+        summary = execute(spec, Stages(search=search, register=register,
+                                       serve_check=serve_check), resume=resume)
+    except RunExists as e:
+        err.print(f"[bold red]run exists[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
     if register:
         err.print(f"Registered {summary['model_uri']} (version {summary['registered_version']})."
                   f" Keep an endpoint up with: [bold]lmforge serve {summary['model_uri']}[/]")
@@ -91,10 +96,29 @@ def run(spec: SpecArg, overrides: Overrides = None) -> None:
 
 
 @app.command()
-def train(spec: SpecArg, overrides: Overrides = None) -> None:
+def train(
+    spec: SpecArg,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue a run whose driver stopped (crash, Ctrl-C, lost node) from "
+        "its latest checkpoint: tracking.run_name's, or else the newest run of this spec "
+        "under train.storage_path. Later steps see the same data and RNG as an "
+        "uninterrupted run.")] = False,
+) -> None:
     """Data and one distributed training run (registered when registry.enabled)."""
     job = _load(spec, overrides)
-    _execute(job, search=False, register=job.registry.enabled, serve_check=False)
+    if resume:
+        from lmforge.train import ResumeError, resumable_run
+
+        try:
+            job.tracking.run_name = resumable_run(job.train.storage_path,
+                                                  job.tracking.run_name, spec.stem)
+        except ResumeError as e:
+            err.print(f"[bold red]cannot resume[/] {e}", highlight=False)
+            raise typer.Exit(2) from None
+        err.print(f"Resuming run [bold]{job.tracking.run_name}[/]")
+    _execute(job, search=False, register=job.registry.enabled, serve_check=False,
+             resume=resume)
 
 
 @app.command()

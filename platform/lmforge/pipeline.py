@@ -39,11 +39,18 @@ def init_ray(**kwargs: Any) -> None:
 
 def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs"),
             resume: bool = False) -> dict[str, Any]:
-    """Run the stages. `resume` (searches only) continues the Tune experiment named
-    `tracking.run_name` under its original MLflow parent run."""
+    """Run the stages. `resume` continues the search (Tune experiment) or training run
+    named `tracking.run_name` from its latest state, under its original MLflow run."""
     start = time.perf_counter()
     run_name = spec.tracking.run_name or "lmforge"
     run_dir = runs_dir / run_name
+    if not stages.search and not resume:
+        from lmforge.train import RunExists, run_exists
+
+        if run_exists(spec.train.storage_path, run_name):  # before anything is started
+            raise RunExists(f"run {run_name!r} already exists under train.storage_path "
+                            f"({spec.train.storage_path}); pass --resume to continue it, or "
+                            "set another tracking.run_name")
     run_dir.mkdir(parents=True, exist_ok=True)
 
     data = prepare_data(spec.data, spec.tokenizer, spec.model.block_size)
@@ -52,9 +59,14 @@ def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs"),
 
     tags = lineage_tags(data.fingerprint, f"{spec.tokenizer.kind}, vocab {data.vocab_size}")
     if resume:
-        from lmforge.tune import resume_state
+        if stages.search:
+            from lmforge.tune import resume_state
 
-        state = resume_state(spec, run_name)
+            state = resume_state(spec, run_name)
+        else:
+            from lmforge.train import resume_state
+
+            state = resume_state(spec.train.storage_path, run_name)
         uri, exp = state["tracking_uri"], state["experiment_id"]
         run = RunTracker(uri, state["parent_run_id"])
         run.client.update_run(run.run_id, status="RUNNING")
@@ -91,7 +103,7 @@ def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs"),
         else:
             from lmforge.train import run_training
 
-            outcome = run_training(spec, data, run, name=run_name)
+            outcome = run_training(spec, data, run, name=run_name, resume=resume)
             run.log_loss_curve()
             checkpoint, model_run = outcome.checkpoint, run
             result = {"steps": outcome.steps, "val_loss": outcome.val_loss,

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -92,6 +93,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device()
     par = Parallel(cfg, device)
+    print(f"[lmforge] rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} "
+          f"({device}, {torch.get_num_threads()} threads, {cfg.strategy}, {cfg.precision})",
+          flush=True)
 
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = par.wrap(build_model(spec.model, data.vocab_size, data.eos_id))
