@@ -84,38 +84,48 @@ def validate(spec: SpecArg, overrides: Overrides = None) -> None:
     print(job.model_dump_json())
 
 
+Resume = Annotated[bool, typer.Option(
+    "--resume", help="Continue a run whose driver stopped (crash, Ctrl-C, lost node) from its "
+    "latest state: tracking.run_name's, or else the newest run of this spec. Training picks "
+    "up at its latest checkpoint (later steps see the same data and RNG as an uninterrupted "
+    "run); a search keeps its finished trials and the searcher's history.")]
+
+
+def _resume_name(job: JobSpec, spec: Path, search: bool) -> str:
+    """The run `--resume` continues, or exit 2 saying there is none."""
+    from lmforge.train import ResumeError, resumable_run
+    from lmforge.tune import ResumeError as SearchResumeError
+    from lmforge.tune import resumable_name
+
+    try:
+        if search:
+            return resumable_name(job, spec.stem)
+        return resumable_run(job.train.storage_path, job.tracking.run_name, spec.stem)
+    except (ResumeError, SearchResumeError) as e:
+        err.print(f"[bold red]cannot resume[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+
+
 @app.command()
-def run(spec: SpecArg, overrides: Overrides = None) -> None:
+def run(spec: SpecArg, overrides: Overrides = None, resume: Resume = False) -> None:
     """Every stage the spec enables: data, tune (or train), register, serve check.
 
     Ends with summary.json in runs/RUN_NAME/ and the same JSON as the last stdout line.
     """
     job = _load(spec, overrides)
+    if resume:
+        job.tracking.run_name = _resume_name(job, spec, search=job.tune.enabled)
+        err.print(f"Resuming [bold]{job.tracking.run_name}[/]")
     _execute(job, search=job.tune.enabled, register=job.registry.enabled,
-             serve_check=job.registry.enabled and job.serve.enabled)
+             serve_check=job.registry.enabled and job.serve.enabled, resume=resume)
 
 
 @app.command()
-def train(
-    spec: SpecArg,
-    overrides: Overrides = None,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue a run whose driver stopped (crash, Ctrl-C, lost node) from "
-        "its latest checkpoint: tracking.run_name's, or else the newest run of this spec "
-        "under train.storage_path. Later steps see the same data and RNG as an "
-        "uninterrupted run.")] = False,
-) -> None:
+def train(spec: SpecArg, overrides: Overrides = None, resume: Resume = False) -> None:
     """Data and one distributed training run (registered when registry.enabled)."""
     job = _load(spec, overrides)
     if resume:
-        from lmforge.train import ResumeError, resumable_run
-
-        try:
-            job.tracking.run_name = resumable_run(job.train.storage_path,
-                                                  job.tracking.run_name, spec.stem)
-        except ResumeError as e:
-            err.print(f"[bold red]cannot resume[/] {e}", highlight=False)
-            raise typer.Exit(2) from None
+        job.tracking.run_name = _resume_name(job, spec, search=False)
         err.print(f"Resuming run [bold]{job.tracking.run_name}[/]")
     _execute(job, search=False, register=job.registry.enabled, serve_check=False,
              resume=resume)
