@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import resource
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -93,9 +94,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device()
     par = Parallel(cfg, device)
-    print(f"[lmforge] rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} "
-          f"({device}, {torch.get_num_threads()} threads, {cfg.strategy}, {cfg.precision})",
-          flush=True)
+    say(f"[lmforge] rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} "
+        f"({device}, {torch.get_num_threads()} threads, {cfg.strategy}, {cfg.precision})")
 
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = par.wrap(build_model(spec.model, data.vocab_size, data.eos_id))
@@ -112,8 +112,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         state = TrainerState(**{k: saved[k] for k in asdict(state)})
         state.attempt += 1
         resumed_from = state.step
-        print(f"[lmforge] rank {rank}: attempt {state.attempt} resumes from step {state.step}",
-              flush=True)
+        say(f"[lmforge] rank {rank}: attempt {state.attempt} resumes from step {state.step}")
 
     shard = BlockShard(data.train_path, spec.model.block_size, rank, world, cfg.seed,
                        cfg.micro_batch_size)
@@ -162,10 +161,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                           "peak_memory_mb": _peak_memory_mb(device)}
             if peak_flops and train_time:
                 throughput["mfu"] = flops_per_step / step_s / (peak_flops * world)
-            print(f"[lmforge] step {done}/{cfg.steps} loss {loss_value:.4f} lr {lr:.2e} "
-                  f"tokens/s {tokens_per_s:,.0f} step {1000 * step_s:.0f}ms"
-                  + (f" mfu {throughput['mfu']:.1%}" if "mfu" in throughput else "")
-                  + f" eta {_eta((cfg.steps - done) * step_s)}", flush=True)
+            say(f"[lmforge] step {done}/{cfg.steps} loss {loss_value:.4f} lr {lr:.2e} "
+                f"tokens/s {tokens_per_s:,.0f} step {1000 * step_s:.0f}ms"
+                + (f" mfu {throughput['mfu']:.1%}" if "mfu" in throughput else "")
+                + f" eta {_eta((cfg.steps - done) * step_s)}")
             log.log_metrics(throughput, step=done)
 
         checkpointing = done % cfg.checkpoint_interval == 0 or done == cfg.steps
@@ -188,8 +187,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if log is not None:
             log.log_metrics({k: metrics[k] for k in ("val_loss", "val_ppl")}, step=done)
             if stop:
-                print(f"[lmforge] early stop at step {done}: no better validation loss in "
-                      f"{state.evals_since_best} evaluations", flush=True)
+                say(f"[lmforge] early stop at step {done}: no better validation loss in "
+                    f"{state.evals_since_best} evaluations")
         _report(metrics, model, par, optimizer, data, rank, state,
                 checkpoint=checkpointing or stop)
         if stop:
@@ -209,6 +208,13 @@ def _report(metrics: dict[str, Any], model: torch.nn.Module, par: Parallel,
                         asdict(state) | {"metrics": metrics})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{metrics['step']:07d}")
+
+
+def say(message: str) -> None:
+    """One progress line on the driver's console. To the process's real stdout: Ray Train
+    also copies `print` to its logger whenever a library has wrapped sys.stdout, which
+    showed every line twice."""
+    print(message, file=sys.__stdout__, flush=True)
 
 
 def _peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
