@@ -80,8 +80,28 @@ def register(checkpoint_dir: str, tracker: RunTracker, cfg: RegistryConfig,
     client = MlflowClient(tracker.uri)
     for key, value in tags.items():
         client.set_model_version_tag(cfg.model_name, str(version), key, str(value))
-    client.set_registered_model_alias(cfg.model_name, cfg.alias, str(version))
+    set_alias(client, cfg.model_name, cfg.alias, version)
     return Registered(cfg.model_name, version, cfg.alias, f"models:/{cfg.model_name}@{cfg.alias}")
+
+
+_UNIQUE_VIOLATION = ("UNIQUE constraint", "IntegrityError", "UniqueViolation", "Duplicate entry")
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version: int,
+              attempts: int = 5) -> None:
+    """Point `alias` at `version`. MLflow's SQL store sets an alias by read-then-insert
+    (`session.merge`), so two registrations creating the same alias at once collide on its
+    unique key and one fails; that one retries, which is all the caller would do. Written
+    here because MLflow does not retry it."""
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, str(version))
+            return
+        except MlflowException as e:
+            collided = any(sign in str(e) for sign in _UNIQUE_VIOLATION)
+            if not collided or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))  # back off from the colliding writer
 
 
 @dataclass(frozen=True)
