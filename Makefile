@@ -18,7 +18,7 @@ quickstart: install  ## data -> tune -> register -> serve one completion, on job
 	$(BIN)/lmforge run jobs/quickstart.yaml
 
 test: install  ## the whole suite: unit (seconds, no Ray) then integration (real Ray, MLflow, HTTP)
-	$(BIN)/python -m pytest tests/unit tests/integration
+	$(BIN)/python -m pytest --durations=15 tests/unit tests/integration
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
