@@ -371,3 +371,23 @@ def test_flops_per_token_is_six_n_plus_attention():
     model = tiny()
     n = count_parameters(model) - model.transformer.wpe.weight.numel()
     assert flops_per_token(model, 16) == 6 * n + 12 * 2 * 32 * 16
+
+
+def test_early_stopping_counts_evaluations_without_a_new_best():
+    state = TrainerState()
+    losses = [3.0, 2.5, 2.6, 2.55, 2.7]
+    stops = [state.record_eval(v, patience=3, min_delta=0.0) for v in losses]
+    assert stops == [False, False, False, False, True]
+    assert state.best_val_loss == 2.5 and state.evals_since_best == 3
+
+
+def test_early_stopping_min_delta_ignores_tiny_improvements():
+    state = TrainerState()
+    stops = [state.record_eval(v, patience=2, min_delta=0.1) for v in [3.0, 2.95, 2.91]]
+    assert stops == [False, False, True]
+    assert state.best_val_loss == 2.91  # the best is still tracked, only the count ignores it
+
+
+def test_no_patience_never_stops():
+    state = TrainerState()
+    assert not any(state.record_eval(3.0, patience=None, min_delta=0.0) for _ in range(20))

@@ -83,6 +83,16 @@ class TrainerState:
     evals_since_best: int = 0
     early_stop_best: float = math.inf
 
+    def record_eval(self, val_loss: float, patience: int | None, min_delta: float) -> bool:
+        """Note one validation loss; True when early stopping says stop: `patience`
+        evaluations in a row without beating the best by more than `min_delta`."""
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        if val_loss < self.early_stop_best - min_delta:
+            self.early_stop_best, self.evals_since_best = val_loss, 0
+        else:
+            self.evals_since_best += 1
+        return patience is not None and self.evals_since_best >= patience
+
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     spec: JobSpec = config["spec"]
@@ -172,13 +182,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             continue
         val_loss = evaluate(model, val, device, par)  # all-reduced: every rank agrees
         state.step = done
-        state.best_val_loss = min(state.best_val_loss, val_loss)
-        if val_loss < state.early_stop_best - cfg.early_stopping_min_delta:
-            state.early_stop_best, state.evals_since_best = val_loss, 0
-        else:
-            state.evals_since_best += 1
-        stop = (cfg.early_stopping_patience is not None
-                and state.evals_since_best >= cfg.early_stopping_patience)
+        stop = state.record_eval(val_loss, cfg.early_stopping_patience,
+                                 cfg.early_stopping_min_delta)
         metrics = {"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
                    "best_val_loss": state.best_val_loss, "tokens_per_s": tokens_per_s,
                    "tokens": done * tokens_per_step, "mlflow_run_id": run_id,
