@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from lmforge.config import load
 from lmforge.data import BlockShard, ValidationSet, prepare_data
 from lmforge.model import build_model
-from lmforge.train.loop import evaluate, lr_at, make_optimizer
+from lmforge.train.step import evaluate, lr_at, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "jobs" / "bench" / "shakespeare_char.yaml"

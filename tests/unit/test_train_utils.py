@@ -17,8 +17,9 @@ from lmforge.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from lmforge.train.loop import TrainerState, evaluate, lr_at, make_optimizer
+from lmforge.train.loop import TrainerState
 from lmforge.train.parallel import Parallel
+from lmforge.train.step import evaluate, lr_at, make_optimizer
 
 # --- learning-rate schedule ----------------------------------------------------------
 

@@ -1,15 +1,19 @@
-"""Train stage: Ray Train workers running data-parallel training of a HF causal LM."""
+"""Train stage: Ray Train workers running data-parallel training of a HF causal LM.
 
-from lmforge.train.trainer import (
-    ResumeError,
-    RunExists,
-    TrainOutcome,
-    build_trainer,
-    resumable_run,
-    resume_state,
-    run_exists,
-    run_training,
-)
+The Ray-facing names below import on first use, so `lmforge.train.step` and
+`lmforge.train.parallel` stay importable where Ray is not installed (bench/train_gpu.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = ["ResumeError", "RunExists", "TrainOutcome", "build_trainer", "resumable_run",
            "resume_state", "run_exists", "run_training"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module("lmforge.train.trainer"), name)
+    raise AttributeError(f"module 'lmforge.train' has no attribute {name!r}")

@@ -9,7 +9,6 @@ steps evaluate, every `checkpoint_every` steps checkpoint, and report to Ray Tra
 from __future__ import annotations
 
 import math
-import resource
 import sys
 import tempfile
 import time
@@ -20,58 +19,23 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
-from lmforge.config import JobSpec, TrainConfig
+from lmforge.config import JobSpec
 from lmforge.data import BlockShard, PreparedData, ValidationSet
 from lmforge.model import build_model, count_parameters, flops_per_token
 from lmforge.tracking import RunTracker
 from lmforge.train.checkpoint import load_checkpoint, save_checkpoint
 from lmforge.train.parallel import Parallel
+from lmforge.train.step import (
+    evaluate,
+    lr_at,
+    make_optimizer,
+    peak_flops,
+    peak_memory_mb,
+    train_step,
+)
 
-# Dense bf16/fp16 peak FLOP/s per GPU, for MFU when the spec does not set train.peak_flops.
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                  "A10G": 125e12, "L4": 121e12, "V100": 125e12}
 STEADY_AFTER = 2  # steps not timed at the start of an attempt (allocator, compile warm-up)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine decay to `final_lr` at the last step (steps - 1)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)
-    return cfg.final_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.final_lr)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
-                   device: torch.device | None = None) -> torch.optim.AdamW:
-    # Weight decay on matrices only: biases and norm gains are not decayed.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = cfg.fused_optimizer and (device or torch.device("cpu")).type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, val: ValidationSet, device: torch.device,
-             par: Parallel | None = None) -> float:
-    """Mean validation loss per token over every rank's fixed validation batches."""
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, tokens]
-    for x, y in val:
-        x, y = x.to(device), y.to(device)
-        with par.autocast() if par else torch.autocast(device.type, enabled=False):
-            logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
-        total += torch.stack([loss.double(), torch.tensor(y.numel(), device=device)])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-    model.train()
-    return (total[0] / total[1]).item()
 
 
 @dataclass
@@ -131,7 +95,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     log = tracker if rank == 0 else None
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * spec.model.block_size * world
     flops_per_step = flops_per_token(raw, spec.model.block_size) * tokens_per_step
-    peak_flops = _peak_flops(cfg, device)
+    peak = peak_flops(cfg, device)
     if log is not None and state.step == 0:
         log.log_params({"model.parameters": count_parameters(raw),
                         "train.global_batch_sequences": tokens_per_step // spec.model.block_size,
@@ -143,18 +107,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     for step in range(state.step, cfg.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            x, y = shard.batch(step * cfg.grad_accum + micro)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with par.micro_step(model, last=micro == cfg.grad_accum - 1):
-                logits = model(input_ids=x).logits
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / cfg.grad_accum
-            par.backward(loss)
-            step_loss += loss.detach()
-        grad_norm = par.clip_and_step(model, optimizer)
+        micro_batches = (shard.batch(step * cfg.grad_accum + m) for m in range(cfg.grad_accum))
+        step_loss, grad_norm = train_step(model, par, optimizer, micro_batches, lr)
         done = step + 1
         logging = done % cfg.log_every == 0
         if logging:
@@ -168,9 +122,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             step_s = train_time / max(1, timed_steps)
             throughput = {"train_loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                           "tokens_per_s": tokens_per_s, "step_time_ms": 1000 * step_s,
-                          "peak_memory_mb": _peak_memory_mb(device)}
-            if peak_flops and train_time:
-                throughput["mfu"] = flops_per_step / step_s / (peak_flops * world)
+                          "peak_memory_mb": peak_memory_mb(device)}
+            if peak and train_time:
+                throughput["mfu"] = flops_per_step / step_s / (peak * world)
             say(f"[lmforge] step {done}/{cfg.steps} loss {loss_value:.4f} lr {lr:.2e} "
                 f"tokens/s {tokens_per_s:,.0f} step {1000 * step_s:.0f}ms"
                 + (f" mfu {throughput['mfu']:.1%}" if "mfu" in throughput else "")
@@ -220,21 +174,6 @@ def say(message: str) -> None:
     also copies `print` to its logger whenever a library has wrapped sys.stdout, which
     showed every line twice."""
     print(message, file=sys.__stdout__, flush=True)
-
-
-def _peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
-    if cfg.peak_flops or device.type != "cuda":
-        return cfg.peak_flops
-    name = torch.cuda.get_device_name(device)
-    peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
-    # fp32 matmuls run as TF32 on these GPUs: half the bf16 rate.
-    return peak / 2 if peak and cfg.precision == "fp32" else peak
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _eta(seconds: float) -> str:

@@ -35,6 +35,10 @@ class Parallel:
         # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.cfg.precision == "fp16")
+        if self.device.type == "cuda":
+            # fp32 matmuls (fp32 runs, the fp32 loss head) as TF32 on the tensor cores,
+            # as `step.peak_flops` assumes.
+            torch.set_float32_matmul_precision("high")
 
     @property
     def fsdp(self) -> bool:

@@ -1,0 +1,101 @@
+"""One optimizer step and what it needs: the LR schedule, AdamW, evaluation, throughput.
+
+No Ray here: the worker loop (`loop.py`) drives these under Ray Train, and
+`bench/train_gpu.py` drives the very same code on a GPU machine without Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lmforge.config import TrainConfig
+from lmforge.train.parallel import Parallel
+
+if TYPE_CHECKING:
+    from lmforge.data import ValidationSet
+
+# Dense bf16/fp16 peak FLOP/s per GPU, for MFU when the spec does not set train.peak_flops.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                  "A10G": 125e12, "L4": 121e12, "V100": 125e12}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to `lr`, then cosine decay to `final_lr` at the last step (steps - 1)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)
+    return cfg.final_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.final_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                   device: torch.device | None = None) -> torch.optim.AdamW:
+    # Weight decay on matrices only: biases and norm gains are not decayed.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = cfg.fused_optimizer and (device or torch.device("cpu")).type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+
+
+def train_step(model: torch.nn.Module, par: Parallel, optimizer: torch.optim.Optimizer,
+               micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `grad_accum` micro-batches: gradients synchronise on the
+    last only, then clip and step. Returns (mean loss, gradient norm) as device tensors,
+    so the caller decides when to pay for a sync by reading them."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    accum = par.cfg.grad_accum
+    step_loss = torch.zeros((), device=par.device)
+    for micro, (x, y) in enumerate(micro_batches):
+        x = x.to(par.device, non_blocking=True)
+        y = y.to(par.device, non_blocking=True)
+        with par.micro_step(model, last=micro == accum - 1):
+            logits = model(input_ids=x).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / accum
+        par.backward(loss)
+        step_loss += loss.detach()
+    return step_loss, par.clip_and_step(model, optimizer)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val: ValidationSet, device: torch.device,
+             par: Parallel | None = None) -> float:
+    """Mean validation loss per token over every rank's fixed validation batches."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, tokens]
+    for x, y in val:
+        x, y = x.to(device), y.to(device)
+        with par.autocast() if par else torch.autocast(device.type, enabled=False):
+            logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+        total += torch.stack([loss.double(), torch.tensor(y.numel(), device=device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
+    """Peak FLOP/s of one device for MFU: the spec's, else looked up for a known GPU."""
+    if cfg.peak_flops or device.type != "cuda":
+        return cfg.peak_flops
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+    # fp32 matmuls run as TF32 on these GPUs: half the bf16 rate.
+    return peak / 2 if peak and cfg.precision == "fp32" else peak
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
