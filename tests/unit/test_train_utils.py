@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import os
+import pickle
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.api import CheckpointException
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, LlamaForCausalLM
 
 from lmforge.config import ModelConfig, TrainConfig
@@ -13,6 +19,8 @@ from lmforge.data import ValidationSet
 from lmforge.model import build_model, count_parameters, flops_per_token
 from lmforge.train.checkpoint import (
     IncompleteCheckpoint,
+    UnsafeCheckpoint,
+    _SafePlanner,
     export_hf,
     load_checkpoint,
     save_checkpoint,
@@ -302,6 +310,48 @@ def test_fsdp_checkpoint_round_trip_and_export(process_group, tmp_path, tokenize
                               reference.eval()(input_ids=x).logits, atol=1e-5)
     assert AutoTokenizer.from_pretrained(out).vocab_size == AutoTokenizer.from_pretrained(
         tokenizer_dir).vocab_size
+
+
+class Planted:
+    """Unpickling this runs code: what a tampered checkpoint would carry."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_fsdp_checkpoint_with_planted_code_is_refused(process_group, tmp_path, tokenizer_dir):
+    """torch's own DCP reader would unpickle .metadata and bytes entries freely."""
+    par = Parallel(TrainConfig(strategy="fsdp"), CPU)
+    model = par.wrap(tiny(seed=0))
+    opt = make_optimizer(model, par.cfg)
+    train_steps(model, opt, 1)
+    save(tmp_path / "ckpt", model, opt, par, tokenizer_dir, step=1)
+    metadata = tmp_path / "ckpt" / "dcp" / ".metadata"
+    metadata.write_bytes(pickle.dumps(Planted()))
+    # Under a process group DCP wraps each rank's error in a CheckpointException.
+    refused = (UnsafeCheckpoint, CheckpointException)
+    with pytest.raises(refused, match=r"(posix|os)\.system.*refusing to load"):
+        load_checkpoint(tmp_path / "ckpt", model, par, opt, rank=0)
+    with pytest.raises(refused, match="refusing to load"):
+        export_hf(tmp_path / "ckpt", tmp_path / "hf")
+
+
+
+def test_non_tensor_checkpoint_entries_load_weights_only():
+    """The optimizer's hyperparameters are stored as pickled bytes entries; ours load them
+    with weights_only=True, so plain values pass and a planted object does not."""
+    planner = _SafePlanner(flatten_state_dict=False)
+    planner.state_dict = {}
+    item = SimpleNamespace(dest_index=SimpleNamespace(fqn="optim.param_groups.0.lr"))
+    for value in (1e-3, (0.9, 0.99), {"fused": True, "foreach": None}):
+        torch.save(value, buf := io.BytesIO())
+        buf.seek(0)
+        planner.load_bytes(item, buf)
+        assert planner.state_dict["optim.param_groups.0.lr"] == value
+    torch.save(Planted(), buf := io.BytesIO())
+    buf.seek(0)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        planner.load_bytes(item, buf)
 
 
 # --- strategy pieces ------------------------------------------------------------------

@@ -13,13 +13,17 @@ never picks; `trainer_state.json` is written last and checked on load as a secon
     rng_rank{N}.pt                    every rank: its torch (and CUDA) RNG state
     trainer_state.json                rank 0: step, metrics, attempt, early-stopping state
 
-`.pt` files hold tensors and plain containers only and load with `weights_only=True`.
+`.pt` files hold tensors and plain containers only and load with `weights_only=True`;
+FSDP shards load through `_safe_dcp_load`, which does the same for what torch's own
+reader would unpickle freely.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +32,9 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -77,7 +84,7 @@ def load_checkpoint(directory: str | Path, model: torch.nn.Module, par: Parallel
     if par.fsdp:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         sd = {"model": model_sd, "optim": optim_sd}
-        dcp.load(sd, checkpoint_id=d / DCP_DIR)  # reshards if the world size changed
+        _safe_dcp_load(sd, d / DCP_DIR)  # reshards if the world size changed
         set_state_dict(model, optimizer, model_state_dict=sd["model"],
                        optim_state_dict=sd["optim"])
     else:
@@ -108,7 +115,7 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
             config = AutoConfig.from_pretrained(src)
             model: PreTrainedModel = AutoModelForCausalLM.from_config(config)
             sd = {"model": model.state_dict()}
-            dcp.load(sd, checkpoint_id=src / DCP_DIR)
+            _safe_dcp_load(sd, src / DCP_DIR)
             model.load_state_dict(sd["model"])
             model.tie_weights()
             model.save_pretrained(tmp)
@@ -140,3 +147,61 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# --- loading torch distributed checkpoints without unpickling arbitrary objects -------
+# torch's FileSystemReader unpickles `.metadata` with plain pickle, and DefaultLoadPlanner
+# loads non-tensor entries (the optimizer's hyperparameters) with weights_only=False:
+# either runs code planted in a checkpoint. Written here because torch has no safe mode.
+
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",
+                     "torch.distributed.checkpoint.filesystem")
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                     ("pathlib", "PosixPath"), ("pathlib", "Path"),
+                     ("collections", "OrderedDict")}
+
+
+class UnsafeCheckpoint(pickle.UnpicklingError):
+    """A checkpoint file asked to load something other than checkpoint data."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Checkpoint metadata only: DCP's own dataclasses and enums, torch dtypes and sizes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _METADATA_MODULES:
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type) and obj.__module__ == module:
+                return obj
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        elif (module, name) in _METADATA_GLOBALS:
+            return getattr(importlib.import_module(module), name)
+        raise UnsafeCheckpoint(f"checkpoint metadata refers to {module}.{name}, which is not "
+                               "checkpoint data: refusing to load it")
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        with self.fs.create_stream(self._get_metadata_path(rank), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpoint(f"{self.path}: .metadata is not checkpoint metadata")
+        if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader does
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _safe_dcp_load(state_dict: dict[str, Any], path: Path) -> None:
+    dcp.load(state_dict, storage_reader=_SafeReader(path), planner=_SafePlanner())
