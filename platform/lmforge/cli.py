@@ -212,6 +212,32 @@ def promote(
 
 
 @app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(
+        help="A training checkpoint directory, e.g. runs/ray/RUN/checkpoint_0000200.",
+        show_default=False)],
+    out: Annotated[Path, typer.Argument(help="Where to write the Hugging Face directory.",
+                                        show_default=False)],
+) -> None:
+    """Turn a training checkpoint (DDP, or FSDP shards) into one Hugging Face directory.
+
+    The result holds model.safetensors, config.json and the tokenizer: load it with
+    AutoModelForCausalLM.from_pretrained, serve it with `lmforge serve OUT`, or fine-tune
+    from it with model.pretrained=OUT. FSDP shards are gathered in this one process (no
+    cluster needed). OUT is written whole or not at all.
+    """
+    from lmforge.train.checkpoint import IncompleteCheckpoint, UnsafeCheckpoint, export_hf
+
+    try:
+        written = export_hf(checkpoint, out)
+    except (FileNotFoundError, IncompleteCheckpoint, UnsafeCheckpoint) as e:
+        err.print(f"[red]cannot export[/]: {e}")
+        raise typer.Exit(1) from None
+    err.print(f"Exported {checkpoint} to [bold]{written}[/]")
+    print(json.dumps({"checkpoint": str(checkpoint), "hf_directory": str(written)}))
+
+
+@app.command()
 def serve(
     model_uri: Annotated[str, typer.Argument(
         help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a HF model directory.",

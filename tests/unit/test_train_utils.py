@@ -442,3 +442,21 @@ def test_early_stopping_min_delta_ignores_tiny_improvements():
 def test_no_patience_never_stops():
     state = TrainerState()
     assert not any(state.record_eval(3.0, patience=None, min_delta=0.0) for _ in range(20))
+
+
+def test_lmforge_export_command(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    _, _, ckpt = trained
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(ckpt), str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    (ckpt / "trainer_state.json").unlink()  # as a crash mid-write leaves it
+    half = runner.invoke(app, ["export", str(ckpt), str(tmp_path / "hf2")])
+    assert half.exit_code == 1 and "never finished" in half.output
+    assert not (tmp_path / "hf2").exists()
+    missing = runner.invoke(app, ["export", str(tmp_path / "nope"), str(tmp_path / "hf3")])
+    assert missing.exit_code == 1 and "not a training checkpoint" in missing.output

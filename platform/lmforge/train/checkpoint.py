@@ -108,6 +108,10 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     copy for DDP, a gather of the FSDP shards (single process, no cluster needed) for FSDP.
     Written to a temp sibling and renamed, so `out_dir` is complete or absent."""
     src, out = Path(checkpoint_dir), Path(out_dir)
+    if not (src / "config.json").exists():
+        raise FileNotFoundError(f"{src}: not a training checkpoint (no config.json)")
+    if not (src / STATE_FILE).exists():
+        raise IncompleteCheckpoint(f"{src} has no {STATE_FILE}: it was never finished")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
