@@ -1,6 +1,6 @@
-"""Training on real Ray: DDP and FSDP lower the loss; a run whose driver is killed resumes
-exactly (same loss at every later step) and ignores a half-written checkpoint; two nodes
-give the one-node loss curve."""
+"""Training on real Ray: DDP and FSDP lower the loss; a killed worker is replaced and the
+run resumes exactly; a run whose driver is killed resumes exactly (same loss at every later
+step) and ignores a half-written checkpoint; two nodes give the one-node loss curve."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ray.util.state import list_actors
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.cluster import LocalCluster
@@ -23,7 +25,8 @@ from lmforge.tracking import RunTracker
 
 SPEC = Path(__file__).parent / "specs" / "tiny.yaml"
 ROOT = Path(__file__).resolve().parents[2]
-# Long enough that the driver is killed well before the end; a checkpoint every 25 steps.
+# Long enough that a worker or the driver is killed well before the end.
+DDP = ("train.steps=120", "train.eval_every=20")  # a checkpoint at every evaluation
 FSDP = ("train.strategy=fsdp", "train.grad_accum=2", "train.steps=150", "train.eval_every=25",
         "train.checkpoint_every=25")
 TRAIN_ONLY = Stages(search=False, register=False, serve_check=False)
@@ -55,7 +58,7 @@ def summary_of(out: subprocess.CompletedProcess) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def ddp_run(ray_cluster, tmp_path_factory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("ddp")
-    return execute(load(SPEC, overrides(tmp)), TRAIN_ONLY, runs_dir=tmp)
+    return execute(load(SPEC, overrides(tmp, *DDP)), TRAIN_ONLY, runs_dir=tmp)
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +71,12 @@ def test_two_worker_ddp_lowers_validation_loss(ddp_run, tmp_path: Path):
     summary = ddp_run
     run = RunTracker(summary["tracking_uri"], summary["mlflow_run_id"])
     val = sorted(run.metric_history("val_loss"))
-    assert [step for step, _ in val] == [20, 40, 60]
+    assert [step for step, _ in val] == [20, 40, 60, 80, 100, 120]
     assert val[-1][1] < val[0][1] - 0.1, val
-    assert summary["steps"] == 60 and summary["val_loss"] == val[-1][1]
-    assert summary["tokens_per_s"] > 0 and summary["attempts"] == 1
+    assert summary["steps"] == 120 and summary["val_loss"] == val[-1][1]
+    assert summary["tokens_per_s"] > 0
+    assert summary["attempts"] == 1 and summary["resumed_from_step"] == 0
+    assert run.status() == "FINISHED"
 
     # The kept checkpoint is a Hugging Face directory with safetensors weights, no pickle.
     ckpt = Path(summary["checkpoint"])
@@ -81,7 +86,7 @@ def test_two_worker_ddp_lowers_validation_loss(ddp_run, tmp_path: Path):
 
     # Throughput metrics reach MLflow every log_every steps.
     for metric in ("train_loss", "lr", "tokens_per_s", "step_time_ms", "peak_memory_mb"):
-        assert len(run.metric_history(metric)) == 60, metric
+        assert len(run.metric_history(metric)) == 120, metric
     artifacts = {a.path for a in run.client.list_artifacts(run.run_id)}
     assert {"loss_curve.png", "spec.yaml", "tokenizer"} <= artifacts
     params = run.client.get_run(run.run_id).data.params
@@ -107,6 +112,39 @@ def test_two_worker_fsdp_with_accumulation_lowers_loss_and_exports(fsdp_run):
     tok = AutoTokenizer.from_pretrained(ckpt)
     out = model.generate(**tok("The ", return_tensors="pt"), max_new_tokens=5, do_sample=False)
     assert out.shape[1] == len(tok("The ")["input_ids"]) + 5
+
+
+def test_killed_worker_is_replaced_and_the_run_resumes_exactly(ddp_run, tmp_path: Path):
+    """Ray Train restarts the worker group from the latest checkpoint (FailureConfig) and
+    the run finishes all its steps with the uninterrupted run's losses."""
+    reference = dict(loss_history(ddp_run))
+    spec = load(SPEC, overrides(tmp_path, *DDP, "train.max_failures=2",
+                                "tracking.run_name=interrupted"))
+    storage = tmp_path / "ray" / "interrupted"
+    outcome: dict[str, Any] = {}
+    run = threading.Thread(target=lambda: outcome.update(
+        summary=execute(spec, TRAIN_ONLY, runs_dir=tmp_path)))
+    run.start()
+    # Kill a worker once Ray Train has registered a checkpoint (its snapshot lists it; a
+    # checkpoint directory alone may not be registered yet): bounded polling, not a sleep.
+    deadline = time.monotonic() + 180
+    while not (storage / "checkpoint_manager_snapshot.json").exists():
+        assert time.monotonic() < deadline and run.is_alive(), "no checkpoint registered"
+        time.sleep(0.05)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                   ("state", "=", "ALIVE")])
+    assert workers, "no live training worker to kill"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    run.join(timeout=300)
+
+    summary = outcome["summary"]
+    assert summary["steps"] == 120 and summary["attempts"] == 2, summary
+    k = summary["resumed_from_step"]
+    assert k % 20 == 0 and 20 <= k < 120, k
+    after = [(s, v) for s, v in loss_history(summary) if s > k]
+    assert {s for s, _ in after} == set(range(k + 1, 121))
+    for step, value in after:
+        assert value == pytest.approx(reference[step], abs=1e-5), step
 
 
 def test_killed_driver_resumes_exactly_and_ignores_a_half_written_checkpoint(
@@ -160,7 +198,7 @@ def test_two_nodes_give_the_one_node_loss_curve(ddp_run, tmp_path: Path):
     with LocalCluster.up(nodes=2, cpus_per_node=1, root=tmp_path / "cluster") as cluster:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env |= cluster.env | {"RAY_ADDRESS": cluster.address}
-        out = lmforge("train", str(SPEC), *overrides(tmp_path, "train.cpus_per_worker=1"),
+        out = lmforge("train", str(SPEC), *overrides(tmp_path, *DDP, "train.cpus_per_worker=1"),
                       cwd=tmp_path, env=env)
     summary = summary_of(out)
     nodes = {line.split(" on node ")[1].split()[0]
