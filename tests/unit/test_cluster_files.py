@@ -1,8 +1,9 @@
 """Every file under cluster/ validates: launcher configs against Ray's own cluster schema
 (ray/autoscaler/ray-schema.json, through Ray's validate_config), the RayService's Serve
 config against Ray Serve's ServeDeploySchema, the RayJob's entrypoint spec with
-lmforge.config.load. KubeRay's CRD schemas ship in no PyPI or npm package, so the
-manifests are checked for what lmforge relies on (see cluster/README.md), not against CRDs."""
+lmforge.config.load, the MLflow server's command lines with the installed `mlflow server`
+command. KubeRay's CRD schemas ship in no PyPI or npm package, so the manifests are checked
+for what lmforge relies on (see cluster/README.md), not against CRDs."""
 
 from __future__ import annotations
 
@@ -13,16 +14,20 @@ import pytest
 import ray
 import yaml
 
+from lmforge import jobs
+
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 LAUNCHER = sorted((CLUSTER / "launcher").glob("*.yaml"))
 KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+MLFLOW = CLUSTER / "mlflow"
 
 
 def test_every_cluster_yaml_is_covered():
     assert {p.name for p in LAUNCHER} == {"aws.yaml", "gcp.yaml"}
     assert {p.name for p in KUBERAY} == {"raycluster.yaml", "rayjob.yaml", "rayservice.yaml"}
-    assert not [p for p in CLUSTER.rglob("*.y*ml") if p not in LAUNCHER + KUBERAY]
+    mlflow_files = [MLFLOW / "kubernetes.yaml", MLFLOW / "docker-compose.yaml"]
+    assert not [p for p in CLUSTER.rglob("*.y*ml") if p not in LAUNCHER + KUBERAY + mlflow_files]
 
 
 @pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
@@ -46,6 +51,11 @@ def _docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+def _cluster_spec(doc: dict) -> dict:
+    return {"RayCluster": lambda s: s, "RayJob": lambda s: s["rayClusterSpec"],
+            "RayService": lambda s: s["rayClusterConfig"]}[doc["kind"]](doc["spec"])
+
+
 def _pod_specs(cluster_spec: dict) -> list[dict]:
     return [cluster_spec["headGroupSpec"]["template"]["spec"]] + [
         g["template"]["spec"] for g in cluster_spec["workerGroupSpecs"]]
@@ -56,9 +66,7 @@ def test_kuberay_manifest_runs_this_ray_with_token_auth_and_gpu_workers(path: Pa
     (doc,) = _docs(path)
     assert doc["apiVersion"] == "ray.io/v1"
     assert "KubeRay v1.5.0" in path.read_text().split("apiVersion")[0]
-    spec = doc["spec"]
-    cluster = {"RayCluster": lambda s: s, "RayJob": lambda s: s["rayClusterSpec"],
-               "RayService": lambda s: s["rayClusterConfig"]}[doc["kind"]](spec)
+    cluster = _cluster_spec(doc)
     assert cluster["rayVersion"] == ray.__version__
     for pod in _pod_specs(cluster):
         for c in pod["containers"]:
@@ -98,3 +106,82 @@ def test_rayservice_serve_config_passes_serve_schema_and_builds():
     (dep,) = app.deployments
     assert dep.name == built._bound_deployment.name
     assert dep.autoscaling_config["max_replicas"] > dep.autoscaling_config["min_replicas"]
+
+
+def _mlflow_server_params(argv: list[str], env: dict[str, str]) -> dict:
+    """argv (`mlflow server ...`) and the container's variables, parsed by the installed
+    MLflow's own command without starting it: an unknown flag or MLFLOW_* variable fails."""
+    import mlflow.environment_variables
+    from mlflow.cli import server
+
+    assert argv[:2] == ["mlflow", "server"]
+    by_envvar = {p.envvar: p.name for p in server.params if p.envvar}
+    for name in env:
+        assert name in by_envvar or hasattr(mlflow.environment_variables, name) or \
+            name in jobs.FORWARDED_ENV, f"{name}: not an MLflow variable"
+    params = server.make_context("server", argv[2:]).params
+    return params | {by_envvar[k]: v for k, v in env.items() if k in by_envvar}
+
+
+def test_mlflow_image_is_the_installed_mlflow_with_postgres_and_s3_drivers():
+    import mlflow
+
+    dockerfile = (MLFLOW / "Dockerfile").read_text()
+    assert f"FROM ghcr.io/mlflow/mlflow:v{mlflow.__version__}\n" in dockerfile
+    assert "psycopg2" in dockerfile and "boto3" in dockerfile
+    pod = _docs(MLFLOW / "kubernetes.yaml")[0]["spec"]["template"]["spec"]
+    compose = yaml.safe_load((MLFLOW / "docker-compose.yaml").read_text())["services"]
+    for image in (pod["containers"][0]["image"], compose["mlflow"]["image"]):
+        assert image.endswith(f"lmforge-mlflow:{mlflow.__version__}")
+
+
+def test_mlflow_on_kubernetes_serves_the_uri_the_ray_pods_use():
+    from urllib.parse import urlsplit
+
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    deployment, service = _docs(MLFLOW / "kubernetes.yaml")
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    params = _mlflow_server_params(c["command"] + c["args"], {k: "set" for k in env})
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]  # no password here
+    assert params["serve_artifacts"] and params["artifacts_destination"].startswith("s3://")
+    # Every Ray pod's MLFLOW_TRACKING_URI names this Service, and passes MLflow's host check.
+    (uri,) = {e["value"] for p in KUBERAY for pod in _pod_specs(_cluster_spec(_docs(p)[0]))
+              for ctr in pod["containers"] for e in ctr["env"]
+              if e["name"] == "MLFLOW_TRACKING_URI"}
+    url = urlsplit(uri)
+    meta = service["metadata"]
+    assert url.hostname == f"{meta['name']}.{meta['namespace']}.svc"
+    assert meta["namespace"] == deployment["metadata"]["namespace"]
+    assert [p["port"] for p in service["spec"]["ports"]] == [url.port] == [params["port"]]
+    assert service["spec"]["selector"].items() <= \
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    allowed = params["allowed_hosts"].split(",")
+    assert is_allowed_host_header(allowed, url.netloc)
+    assert is_allowed_host_header(allowed, f"{url.hostname}.cluster.local:{url.port}")
+    assert not is_allowed_host_header(allowed, f"{meta['name']}.attacker.example:{url.port}")
+
+
+def test_mlflow_on_a_vm_keeps_its_secrets_in_the_environment():
+    mlflow_service = yaml.safe_load(
+        (MLFLOW / "docker-compose.yaml").read_text())["services"]["mlflow"]
+    env = dict(e.partition("=")[::2] for e in mlflow_service["environment"])
+    params = _mlflow_server_params(mlflow_service["command"], env)
+    backend = env["MLFLOW_BACKEND_STORE_URI"]
+    assert backend.startswith("postgresql://mlflow:${POSTGRES_PASSWORD")
+    assert "@postgres:5432/" in backend and "postgres" in mlflow_service["depends_on"]
+    assert params["serve_artifacts"]
+    assert params["artifacts_destination"].startswith("${MLFLOW_ARTIFACTS_DESTINATION:?")
+    # Credentials pass through from the shell that starts it, never written in the file.
+    assert not [v for k, v in env.items() if k.startswith("AWS_") and v]
+
+
+def test_jobs_find_the_server_through_mlflow_tracking_uri(monkeypatch):
+    from lmforge.config import TrackingConfig, resolve_tracking_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.lmforge.svc:5000")
+    uri = resolve_tracking_uri(TrackingConfig(), Path("runs"))
+    assert jobs.job_env(uri, {})["MLFLOW_TRACKING_URI"] == "http://mlflow.lmforge.svc:5000"
+    for f in ("kubernetes.yaml", "docker-compose.yaml", "README.md"):
+        assert "MLFLOW_TRACKING_URI" in (MLFLOW / f).read_text(), f  # the name lmforge reads
