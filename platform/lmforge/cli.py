@@ -106,13 +106,36 @@ def _resume_name(job: JobSpec, spec: Path, search: bool) -> str:
         raise typer.Exit(2) from None
 
 
+def _started(job: JobSpec) -> bool:
+    """Whether tracking.run_name's run (a search when tune.enabled) left state to resume."""
+    from lmforge.train import run_started
+    from lmforge.tune import search_started
+
+    name = job.tracking.run_name or ""
+    if job.tune.enabled:
+        return search_started(job, name)
+    return run_started(job.train.storage_path, name)
+
+
 @app.command()
-def run(spec: SpecArg, overrides: Overrides = None, resume: Resume = False) -> None:
+def run(
+    spec: SpecArg,
+    overrides: Overrides = None,
+    resume: Resume = False,
+    resume_if_started: Annotated[bool, typer.Option(
+        "--resume-if-started", help="Resume tracking.run_name's run if it got as far as "
+        "starting, else start it (never another run). `lmforge submit` adds it when the "
+        "run's last job failed or was stopped.")] = False,
+) -> None:
     """Every stage the spec enables: data, tune (or train), register, serve check.
 
     Ends with summary.json in runs/RUN_NAME/ and the same JSON as the last stdout line.
     """
     job = _load(spec, overrides)
+    if resume_if_started and not resume:
+        resume = _started(job)
+        if not resume:
+            err.print(f"Run [bold]{job.tracking.run_name}[/] never started: starting it")
     if resume:
         job.tracking.run_name = _resume_name(job, spec, search=job.tune.enabled)
         err.print(f"Resuming [bold]{job.tracking.run_name}[/]")
@@ -288,7 +311,9 @@ def submit(
     = False,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run named by tracking.run_name from its latest "
-        "checkpoint (the job runs `lmforge run SPEC --resume`).")] = False,
+        "checkpoint (the job runs `lmforge run SPEC --resume`), even one that SUCCEEDED. "
+        "Without it, a run whose last job FAILED or was STOPPED is resumed by itself.")]
+    = False,
     submission_id: Annotated[str | None, typer.Option(
         help="Job id to use (default: run name + random suffix); an existing id is refused."
     )] = None,
@@ -298,7 +323,9 @@ def submit(
     The project directory is the job's working_dir; the MLflow tracking URI travels as
     MLFLOW_TRACKING_URI, and LMFORGE_API_KEYS, HF_TOKEN and object-store credentials as
     their own variables when set. The job is tagged with the run name (metadata
-    lmforge.run_name). Ray's token auth (~/.ray/auth_token) is used when present.
+    lmforge.run_name): resubmitting a run whose last job FAILED or was STOPPED resumes it;
+    a run still PENDING or RUNNING, or one that SUCCEEDED (without --resume), is refused.
+    Ray's token auth (~/.ray/auth_token) is used when present.
     """
     import yaml
 
@@ -313,11 +340,16 @@ def submit(
         raise typer.Exit(2)
     env = jobs.job_env(resolve_tracking_uri(job.tracking, Path("runs")), dict(os.environ))
     try:
-        job_id = jobs.submit(address, spec, overrides or [], job.tracking.run_name or "lmforge",
-                             Path.cwd(), env, submission_id=submission_id, resume=resume)
+        submitted = jobs.submit(address, spec, overrides or [], job.tracking.run_name or "lmforge",
+                                Path.cwd(), env, submission_id=submission_id, resume=resume)
     except (jobs.SubmitError, ValueError) as e:
         err.print(f"[bold red]not submitted[/] {e}", highlight=False)
         raise typer.Exit(1) from None
+    job_id, last = submitted.job_id, submitted.resumes
+    if last is not None:
+        err.print(f"Resuming run [bold]{job.tracking.run_name}[/]: its last job "
+                  f"{last.submission_id} {last.status} (the job runs with --resume-if-started)",
+                  highlight=False)
     print(job_id, flush=True)
     if wait:
         final = jobs.follow(address, job_id)

@@ -7,10 +7,11 @@ import re
 import shlex
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
 AGENT_WAIT_S = 60
 _EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/"]
@@ -46,7 +47,15 @@ RUN_NAME_KEY = "lmforge.run_name"
 
 
 class SubmitError(RuntimeError):
-    """The cluster refused the job (duplicate id, the run already running), said why."""
+    """The cluster refused the job (duplicate id, the run running or done), said why."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    resumes: JobDetails | None = None
+    """The run's last job, when it ended FAILED or STOPPED and this job therefore resumes
+    the run by itself."""
 
 
 def job_env(tracking_uri: str, environ: dict[str, str]) -> dict[str, str]:
@@ -55,28 +64,30 @@ def job_env(tracking_uri: str, environ: dict[str, str]) -> dict[str, str]:
         k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
 
 
-def entrypoint(spec_rel: str, overrides: list[str], run_name: str, resume: bool) -> list[str]:
-    """`python -m lmforge run SPEC k=v... tracking.run_name=NAME [--resume]`: a fixed run
-    name, so resubmitting with `resume` continues the same Ray Train / Tune run."""
+def entrypoint(spec_rel: str, overrides: list[str], run_name: str,
+               resume_flag: str | None = None) -> list[str]:
+    """`python -m lmforge run SPEC k=v... tracking.run_name=NAME [--resume...]`: a fixed run
+    name, so a resubmission can continue the same Ray Train / Tune run."""
     return ["python", "-m", "lmforge", "run", spec_rel, *overrides,
-            f"tracking.run_name={run_name}", *(["--resume"] if resume else [])]
+            f"tracking.run_name={run_name}", *([resume_flag] if resume_flag else [])]
 
 
 def submit(address: str, spec_path: Path, overrides: list[str], run_name: str,
            project_root: Path, env: dict[str, str], submission_id: str | None = None,
-           resume: bool = False) -> str:
-    """Submit `lmforge run SPEC` with the project as the job's working_dir; return the job id.
+           resume: bool = False) -> Submitted:
+    """Submit `lmforge run SPEC` with the project as the job's working_dir.
 
-    The job id is `submission_id`, or the run name plus a random suffix. An id the cluster
-    already knows is refused (never overwritten), and so is a run name whose job is still
-    PENDING or RUNNING: two drivers must not write the same run.
+    The job id is `submission_id`, or the run name plus a random suffix. What the cluster's
+    earlier jobs tagged with this run name decide (`_last_unfinished`): the job runs with
+    `--resume` when asked, with `--resume-if-started` when the run's last job FAILED or was
+    STOPPED, and is refused when the id is taken, the run is still PENDING or RUNNING (two
+    drivers must not write one run) or it already SUCCEEDED.
     """
     spec = spec_path.resolve()
     root = project_root.resolve()
     if not spec.is_relative_to(root):
         raise ValueError(f"{spec_path}: the spec must live inside the project ({root}), "
                          "which is shipped to the cluster as the job's working_dir")
-    args = entrypoint(str(spec.relative_to(root)), overrides, run_name, resume)
     runtime_env: dict[str, Any] = {
         "working_dir": str(root),
         "excludes": _EXCLUDES,
@@ -92,12 +103,14 @@ def submit(address: str, spec_path: Path, overrides: list[str], run_name: str,
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
-            _refuse_duplicates(jobs_client, job_id, run_name)
-            return jobs_client.submit_job(
+            last = _last_unfinished(jobs_client, job_id, run_name, resume)
+            flag = "--resume" if resume else "--resume-if-started" if last else None
+            args = entrypoint(str(spec.relative_to(root)), overrides, run_name, flag)
+            return Submitted(jobs_client.submit_job(
                 entrypoint=shlex.join(args), runtime_env=runtime_env, submission_id=job_id,
                 metadata={RUN_NAME_KEY: run_name, "lmforge.spec": str(spec_path),
-                          "lmforge.resume": str(resume).lower()},
-            )
+                          "lmforge.resume": flag or "no"},
+            ), last)
         except RuntimeError as e:
             if isinstance(e, SubmitError):
                 raise
@@ -110,14 +123,29 @@ def submit(address: str, spec_path: Path, overrides: list[str], run_name: str,
             time.sleep(1)
 
 
-def _refuse_duplicates(jobs_client: JobSubmissionClient, job_id: str, run_name: str) -> None:
+def _last_unfinished(jobs_client: JobSubmissionClient, job_id: str, run_name: str,
+                     resume: bool) -> JobDetails | None:
+    """The last job of `run_name` when it ended FAILED or STOPPED (the new job resumes the
+    run), else None. Refuses a known job id, a run still PENDING or RUNNING, and a run whose
+    last job SUCCEEDED unless `resume` asks to continue it (say, with more train.steps)."""
+    runs = []
     for job in jobs_client.list_jobs():
         if job.submission_id == job_id:
             raise SubmitError(f"job id {job_id!r} already exists ({job.status}); it is not "
                               "overwritten (choose another --submission-id)")
-        if (job.metadata or {}).get(RUN_NAME_KEY) == run_name and job.status in ACTIVE:
-            raise SubmitError(f"run {run_name!r} is already {job.status} as job "
-                              f"{job.submission_id}; stop it first or wait for it to end")
+        if (job.metadata or {}).get(RUN_NAME_KEY) == run_name:
+            if job.status in ACTIVE:
+                raise SubmitError(f"run {run_name!r} is already {job.status} as job "
+                                  f"{job.submission_id}; stop it first or wait for it to end")
+            runs.append(job)
+    if resume or not runs:
+        return None
+    last = max(runs, key=lambda j: j.start_time or 0)
+    if last.status == "SUCCEEDED":
+        raise SubmitError(f"run {run_name!r} already SUCCEEDED as job {last.submission_id}; "
+                          "pass --resume to continue it, or set another tracking.run_name "
+                          f"(e.g. tracking.run_name={run_name}-2) for a new run")
+    return last
 
 
 def status(address: str, job_id: str) -> JobStatus:

@@ -201,15 +201,21 @@ def experiment_dir(spec: JobSpec, name: str) -> Path:
     return Path(spec.tune.storage_path).resolve() / name
 
 
+def search_started(spec: JobSpec, name: str) -> bool:
+    """Whether search `name` left state to restore (its MLflow parent run and Tune's)."""
+    path = experiment_dir(spec, name)
+    return bool(name) and (path / STATE_FILE).exists() and tune.Tuner.can_restore(str(path))
+
+
 def resumable_name(spec: JobSpec, spec_stem: str) -> str:
     """The search `--resume` continues: `tracking.run_name` when that experiment exists,
     else the newest restorable search of this spec file under `tune.storage_path`."""
     root = Path(spec.tune.storage_path).resolve()
     name = spec.tracking.run_name or ""
-    if name and tune.Tuner.can_restore(str(root / name)) and (root / name / STATE_FILE).exists():
+    if search_started(spec, name):
         return name
-    found = sorted((p for p in root.glob(f"{spec_stem}-*") if (p / STATE_FILE).exists()
-                    and tune.Tuner.can_restore(str(p))), key=lambda p: p.stat().st_mtime)
+    found = sorted((p for p in root.glob(f"{spec_stem}-*") if search_started(spec, p.name)),
+                   key=lambda p: p.stat().st_mtime)
     if not found:
         raise ResumeError(f"tune.storage_path {root}: no search named {name!r} or "
                           f"{spec_stem}-* to resume; start one with `lmforge tune` first")

@@ -87,7 +87,8 @@ def test_rayjob_entrypoint_is_a_valid_lmforge_spec():
     (doc,) = _docs(CLUSTER / "kuberay" / "rayjob.yaml")
     args = shlex.split(doc["spec"]["entrypoint"])
     assert args[:4] == ["python", "-m", "lmforge", "run"]
-    spec = load(ROOT / args[4], args[5:])
+    assert args[-1] == "--resume-if-started"  # applied again after a failure, it resumes
+    spec = load(ROOT / args[4], args[5:-1])
     assert spec.train.storage_path.startswith("s3://")  # shared by every node
     assert spec.tracking.run_name  # a fixed name, so a resubmission resumes it
 

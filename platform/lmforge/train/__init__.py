@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 __all__ = ["ResumeError", "RunExists", "TrainOutcome", "build_trainer", "resumable_run",
-           "resume_state", "run_exists", "run_training"]
+           "resume_state", "run_exists", "run_started", "run_training"]
 
 
 def __getattr__(name: str) -> Any:

@@ -85,15 +85,21 @@ def run_exists(storage_path: str, name: str) -> bool:
     return fs.get_file_info(f"{root.rstrip('/')}/{name}").type != pyarrow.fs.FileType.NotFound
 
 
+def run_started(storage_path: str, name: str) -> bool:
+    """Whether run `name` got as far as recording its MLflow run, so it can be resumed."""
+    fs, root = _storage(storage_path)
+    return fs.get_file_info(f"{root}/{name}/{RUN_STATE_FILE}").type == pyarrow.fs.FileType.File
+
+
 def resumable_run(storage_path: str, name: str, spec_stem: str) -> str:
     """The run `--resume` continues: `name` when it has been started, else the newest run
     of this spec file (`SPEC_STEM-<timestamp>`) under `storage_path`."""
-    fs, root = _storage(storage_path)
-    if fs.get_file_info(f"{root}/{name}/{RUN_STATE_FILE}").type == pyarrow.fs.FileType.File:
+    if run_started(storage_path, name):
         return name
+    fs, root = _storage(storage_path)
     found = sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(
         root, allow_not_found=True)) if i.base_name.startswith(f"{spec_stem}-")
-        and fs.get_file_info(f"{i.path}/{RUN_STATE_FILE}").type == pyarrow.fs.FileType.File)
+        and run_started(storage_path, i.base_name))
     if not found:
         raise ResumeError(f"train.storage_path {storage_path}: no run named {name!r} or "
                           f"{spec_stem}-* to resume; start one with `lmforge train` first")
