@@ -3,9 +3,11 @@
 Both train the same transformers GPT-2 on the same packed tinyshakespeare blocks, in the
 same order, with the same optimizer, schedule and thread count; the bare loop has no Ray,
 no DDP wrapper, no MLflow and no checkpoints. tokens/s counts training steps only
-(evaluation excluded) on both sides. Also measures 2 DDP workers (1 thread each).
+(evaluation excluded) on both sides. Other rows: bf16 autocast and torch.compile on the
+1-worker run, and 2 workers (1 thread each) with DDP and with FSDP2.
 
-    .venv/bin/python bench/train.py                 # 2000 steps, 3 repeats (about 15 min)
+    .venv/bin/python bench/train.py                 # bare and lmforge, 2000 steps, 3 repeats
+    .venv/bin/python bench/train.py --rows all --repeats 1   # every row once
     .venv/bin/python bench/train.py --steps 300 --repeats 1   # a quick look
 """
 
@@ -81,40 +83,63 @@ def median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+# lmforge rows: `lmforge train jobs/bench/shakespeare_char.yaml` with these overrides.
+VARIANTS = {
+    "lmforge": ("train.workers=1",),
+    "lmforge-bf16": ("train.workers=1", "train.precision=bf16"),
+    "lmforge-compile": ("train.workers=1", "train.compile=true"),
+    "ddp-x2": ("train.workers=2", "train.cpus_per_worker=1"),
+    "fsdp-x2": ("train.workers=2", "train.cpus_per_worker=1", "train.strategy=fsdp"),
+}
+ROWS = ("bare", *VARIANTS)
+LABELS = {"bare": "bare PyTorch loop, 1 process", "lmforge": "lmforge train, 1 worker",
+          "lmforge-bf16": "lmforge, 1 worker, bf16",
+          "lmforge-compile": "lmforge, 1 worker, compile",
+          "ddp-x2": "lmforge, 2 workers, DDP", "fsdp-x2": "lmforge, 2 workers, FSDP"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", default="bare,lmforge",
+                        help=f"comma-separated, or 'all': {', '.join(ROWS)}")
     args = parser.parse_args()
+    rows = ROWS if args.rows == "all" else tuple(args.rows.split(","))
+    if unknown := set(rows) - set(ROWS):
+        parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
     threads = int(load(SPEC).train.cpus_per_worker)
 
-    ours, base, ddp = [], [], []
-    for i in range(args.repeats):  # interleaved, so drift in the machine hits both sides
-        base.append(bare_pytorch(args.steps, threads))
-        ours.append(lmforge_train(args.steps, "train.workers=1"))
-        ddp.append(lmforge_train(args.steps, "train.workers=2", "train.cpus_per_worker=1"))
+    runs: dict[str, list[dict[str, float]]] = {row: [] for row in rows}
+    for i in range(args.repeats):  # interleaved, so drift in the machine hits every row
+        for row in rows:
+            runs[row].append(bare_pytorch(args.steps, threads) if row == "bare"
+                             else lmforge_train(args.steps, *VARIANTS[row]))
         print(f"repeat {i + 1}: " + ", ".join(
-            f"{name} {r['tokens_per_s']:,.0f} tok/s val_loss {r['val_loss']:.3f}"
-            for name, r in (("bare", base[-1]), ("lmforge", ours[-1]), ("DDP x2", ddp[-1]))),
-            flush=True)
+            f"{row} {r[-1]['tokens_per_s']:,.0f} tok/s val_loss {r[-1]['val_loss']:.3f}"
+            for row, r in runs.items()), flush=True)
 
-    ours_tps, base_tps = median(ours, "tokens_per_s"), median(base, "tokens_per_s")
-    rows = [
-        ("bare PyTorch loop, 1 process", base_tps, median(base, "val_loss"), None),
-        ("lmforge train, 1 worker", ours_tps, median(ours, "val_loss"), median(ours, "wall_s")),
-        ("lmforge train, 2 DDP workers", median(ddp, "tokens_per_s"), median(ddp, "val_loss"),
-         median(ddp, "wall_s")),
-    ]
     print(f"\n{args.steps} steps, median of {args.repeats}, {threads} threads per process "
-          f"(DDP: 1 thread per worker)")
+          f"(2-worker rows: 1 thread per worker)")
     print(f"{'':32} {'tokens/s':>10} {'val_loss':>9} {'wall_s':>8}")
-    for name, tps, vl, wall in rows:
-        print(f"{name:32} {tps:>10,.0f} {vl:>9.3f} {'' if wall is None else f'{wall:8.1f}':>8}")
-    print(f"\nlmforge / bare PyTorch tokens/s: {ours_tps / base_tps:.3f} (target >= 0.97)")
+    for row, r in runs.items():
+        wall = "" if row == "bare" else f"{median(r, 'wall_s'):8.1f}"
+        print(f"{LABELS[row]:32} {median(r, 'tokens_per_s'):>10,.0f} "
+              f"{median(r, 'val_loss'):>9.3f} {wall:>8}")
+    if "lmforge" not in runs:
+        return
+    ours_tps = median(runs["lmforge"], "tokens_per_s")
+    if "bare" in runs:
+        print(f"\nlmforge / bare PyTorch tokens/s: "
+              f"{ours_tps / median(runs['bare'], 'tokens_per_s'):.3f} (target >= 0.97)")
     print(f"lmforge / reference {REFERENCE_TOKENS_PER_S:,} tokens/s: "
           f"{ours_tps / REFERENCE_TOKENS_PER_S:.2f}x (target >= 1.0)")
+    for row in ("lmforge-bf16", "lmforge-compile", "ddp-x2", "fsdp-x2"):
+        if row in runs:
+            print(f"{row} / lmforge 1 worker: "
+                  f"{median(runs[row], 'tokens_per_s') / ours_tps:.2f}x")
     if args.steps == 2000:
-        vl = median(ours, "val_loss")
+        vl = median(runs["lmforge"], "val_loss")
         print(f"lmforge val_loss after 2000 steps: {vl:.3f} (target <= 1.89; reference "
               f"{REFERENCE_VAL_LOSS}) {'ok' if vl <= 1.89 and math.isfinite(vl) else 'MISSED'}")
 
