@@ -310,6 +310,10 @@ class ServeConfig(Section):
     """How long load must stay above target before the autoscaler adds replicas."""
     downscale_delay_s: float = Field(600.0, ge=0)
     """How long load must stay below target before the autoscaler removes replicas."""
+    look_back_period_s: float = Field(30.0, gt=0)
+    """Window over which the autoscaler averages in-flight requests: shorter follows load
+    (and its end) sooner, longer rides out bursts. Load is reported at least twice per
+    window."""
     max_ongoing_requests: int = Field(16, ge=1)
     """Most requests one replica holds at once (decoding or waiting for a batch)."""
     max_queued_requests: int = Field(64, ge=-1)

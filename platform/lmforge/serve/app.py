@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable
 
 import torch
@@ -57,6 +58,8 @@ api.state.max_body_bytes = 1_000_000
 # one), and the stop that keeps the model from writing the user's next turn.
 _ROLE = {"system": "System", "user": "User", "assistant": "Assistant"}
 _CHAT_STOP = "\nUser:"
+
+_RAY_METRICS_INTERVAL_S = 10.0  # AutoscalingConfig.metrics_interval_s's default
 
 
 @api.exception_handler(RequestValidationError)
@@ -448,12 +451,22 @@ def build_app(loader: Callable[[str], LoadedModel], cfg: ServeConfig, model_uri:
     if cfg.min_replicas == cfg.max_replicas:
         options["num_replicas"] = cfg.min_replicas
     else:
-        options["autoscaling_config"] = {
+        options["autoscaling_config"] = autoscaling = {
             "min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
             "target_ongoing_requests": cfg.target_ongoing_requests,
             "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
+            "look_back_period_s": cfg.look_back_period_s,
         }
-    return TextGenerator.options(**options).bind(loader, cfg, model_uri, resolve)
+        # Handles report their load every `metrics_interval_s` (Ray's default: 10 s). A
+        # window shorter than two reports would average stale numbers, so report faster
+        # there. Ray 2.60 calls the field deprecated in favour of environment variables it
+        # does not read yet; it is still the only setting that changes the interval.
+        if cfg.look_back_period_s < 2 * _RAY_METRICS_INTERVAL_S:
+            autoscaling["metrics_interval_s"] = cfg.look_back_period_s / 2
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The `metrics_interval_s` field", DeprecationWarning)
+        deployment = TextGenerator.options(**options)
+    return deployment.bind(loader, cfg, model_uri, resolve)
 
 
 def deploy(app: Application, cfg: ServeConfig, name: str = "lmforge") -> str:
