@@ -8,12 +8,12 @@ Train worker runs, without Ray around it: the GPU machine this was measured on h
 Ray), at `train.precision: bf16`, block 1024, fused AdamW, SDPA attention:
 
 - `lmforge-compile`: `train.compile: true` (the configuration to quote; target 400k
-  tokens/s on one H100)
+  tokens/s on one H100): the model and the loss compile into one graph
 - `lmforge-eager`: the same without `torch.compile`
 - `lmforge-fsdp`: FSDP2 (`fully_shard` per block, bf16 mixed-precision policy) in a
   1-rank NCCL group, compiled: checks the sharded path on a GPU and what it costs
 - `bare-compile`: the baseline, a plain loop (HF model, autocast, fused AdamW,
-  `torch.compile`), no lmforge code
+  `model.compile()`, the loss outside the compiled model), no lmforge code
 
 Inputs are uniform random token ids over GPT-2's vocabulary padded to 50,304 (a multiple
 of 64): throughput does not depend on the text, and that machine has no corpus. Tokens/s
