@@ -50,6 +50,20 @@ def lmforge(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: f
                           capture_output=True, text=True, timeout=timeout)
 
 
+def assert_resumed_exactly(summary: dict[str, Any], reference: dict[int, float], steps: int,
+                           checkpoint_every: int) -> None:
+    """A second attempt resumed from a checkpoint, finished every step, and logged the
+    uninterrupted run's loss at every step after the resume, in the same MLflow run (steps
+    the first attempt had already logged appear twice: both must match)."""
+    assert summary["steps"] == steps and summary["attempts"] == 2, summary
+    k = summary["resumed_from_step"]
+    assert k % checkpoint_every == 0 and checkpoint_every <= k < steps, k
+    after = [(s, v) for s, v in loss_history(summary) if s > k]
+    assert {s for s, _ in after} == set(range(k + 1, steps + 1))
+    for step, value in after:
+        assert value == pytest.approx(reference[step], abs=1e-5), step
+
+
 def summary_of(out: subprocess.CompletedProcess) -> dict[str, Any]:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -137,14 +151,7 @@ def test_killed_worker_is_replaced_and_the_run_resumes_exactly(ddp_run, tmp_path
     os.kill(workers[0].pid, signal.SIGKILL)
     run.join(timeout=300)
 
-    summary = outcome["summary"]
-    assert summary["steps"] == 120 and summary["attempts"] == 2, summary
-    k = summary["resumed_from_step"]
-    assert k % 20 == 0 and 20 <= k < 120, k
-    after = [(s, v) for s, v in loss_history(summary) if s > k]
-    assert {s for s, _ in after} == set(range(k + 1, 121))
-    for step, value in after:
-        assert value == pytest.approx(reference[step], abs=1e-5), step
+    assert_resumed_exactly(outcome["summary"], reference, steps=120, checkpoint_every=20)
 
 
 def test_killed_driver_resumes_exactly_and_ignores_a_half_written_checkpoint(
@@ -182,15 +189,7 @@ def test_killed_driver_resumes_exactly_and_ignores_a_half_written_checkpoint(
 
     summary = summary_of(lmforge("train", "--resume", *args[1:], cwd=tmp_path))
     assert summary["run_name"] == "resumable"
-    assert summary["steps"] == 150 and summary["attempts"] == 2
-    k = summary["resumed_from_step"]
-    assert k % 25 == 0 and 25 <= k < 150, k
-    # Same MLflow run, and every step after the resume has the uninterrupted run's loss
-    # (steps the killed attempt had already logged appear twice: both must match).
-    after = [(s, v) for s, v in loss_history(summary) if s > k]
-    assert {s for s, _ in after} == set(range(k + 1, 151))
-    for step, value in after:
-        assert value == pytest.approx(reference[step], abs=1e-5), step
+    assert_resumed_exactly(summary, reference, steps=150, checkpoint_every=25)
 
 
 def test_two_nodes_give_the_one_node_loss_curve(ddp_run, tmp_path: Path):
