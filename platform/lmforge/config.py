@@ -338,6 +338,9 @@ class ServeConfig(Section):
     """Largest `max_tokens` a request may ask for."""
     cpus_per_replica: float = Field(1.0, gt=0)
     """CPUs reserved for each replica."""
+    gpus_per_replica: float = Field(0.0, ge=0)
+    """GPUs reserved for each replica (fractions share one). A replica given a GPU decodes
+    on it; without one it decodes on its CPUs."""
     api_keys: list[str] = Field(default_factory=list, exclude=True, repr=False)
     """Bearer keys for the /v1 routes; empty: no auth. With keys, a request without
     `Authorization: Bearer KEY` gets 401; /healthz stays open. The `lmforge` command adds

@@ -36,3 +36,11 @@ def test_a_short_window_gets_load_reports_at_least_twice_per_window():
 def test_equal_bounds_mean_a_fixed_replica_count():
     config = deployment_config("serve.min_replicas=3", "serve.max_replicas=3")
     assert config.autoscaling_config is None and config.num_replicas == 3
+
+
+def test_replica_resources_come_from_the_spec():
+    from lmforge.serve import build_app
+
+    cfg = load(None, ["serve.cpus_per_replica=2", "serve.gpus_per_replica=0.5"]).serve
+    options = build_app(lambda uri: None, cfg, "models:/m/1")._bound_deployment.ray_actor_options
+    assert options["num_cpus"] == 2 and options["num_gpus"] == 0.5

@@ -22,6 +22,7 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable
 
+import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -203,6 +204,8 @@ class TextGenerator:
 
     def _load(self, pinned: str) -> LoadedModel:
         loaded = self._loader(pinned)
+        if ray.get_gpu_ids():  # Ray gave this replica a GPU (serve.gpus_per_replica)
+            loaded.model.to("cuda")
         if pinned.startswith("models:/") and "@" not in pinned:
             loaded = dataclasses.replace(loaded, name=pinned.removeprefix("models:/"))
         return loaded
@@ -442,7 +445,8 @@ def build_app(loader: Callable[[str], LoadedModel], cfg: ServeConfig, model_uri:
     `resolve` pins an alias to a version (`pin_alias`); with it, replicas follow the alias
     every `cfg.alias_poll_s` seconds."""
     options: dict = {
-        "ray_actor_options": {"num_cpus": cfg.cpus_per_replica},
+        "ray_actor_options": {"num_cpus": cfg.cpus_per_replica,
+                              "num_gpus": cfg.gpus_per_replica},
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=cfg.backpressure_status,
