@@ -128,7 +128,9 @@ def decode_stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         out = model(input_ids=step_input, attention_mask=mask, position_ids=positions,
                     cache=cache, use_cache=True)
         cache = out.cache
-        logits = out.logits[:, -1, :]
+        # Sampling runs on the CPU: one transfer per step (`int()` would sync per row
+        # anyway), and a seeded request draws the same tokens on any device.
+        logits = out.logits[:, -1, :].float().cpu()
         step: list[Delta | None] = [None] * len(requests)
         keep, next_ids = [], []
         for row, i in enumerate(rows):
