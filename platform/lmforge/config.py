@@ -252,6 +252,10 @@ class TuneConfig(Section):
     """ASHA: steps every trial runs before it can be stopped."""
     reduction_factor: int = Field(2, ge=2)
     """ASHA: keep the top 1/reduction_factor of trials at each rung."""
+    startup_trials: int | None = Field(None, ge=1)
+    """TPE: trials sampled at random before TPE models the results. Unset: a third of
+    `num_trials`, at least 2 and at most 10 (Optuna's own default of 10 would leave a
+    12-trial search almost entirely random)."""
     seed: int = 0
     """Seed of the Optuna TPE sampler, so a search is reproducible."""
     driver_cpus: float = Field(0.1, gt=0)

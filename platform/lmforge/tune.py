@@ -89,11 +89,19 @@ def objectives(cfg: TuneConfig) -> dict[str, str]:
     return {cfg.metric: "min"} | ({"tokens_per_s": "max"} if cfg.multi_objective else {})
 
 
+def startup_trials(cfg: TuneConfig) -> int:
+    """Random trials before TPE takes over (see `tune.startup_trials`)."""
+    return cfg.startup_trials or min(10, max(2, cfg.num_trials // 3))
+
+
 def make_searcher(cfg: TuneConfig) -> OptunaSearch:
     import optuna
 
-    sampler = (optuna.samplers.RandomSampler(seed=cfg.seed) if cfg.searcher == "random"
-               else optuna.samplers.TPESampler(seed=cfg.seed))
+    if cfg.searcher == "random":
+        sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
+    else:  # multivariate: models the joint density (lr with warmup, say), not each alone
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True,
+                                             n_startup_trials=startup_trials(cfg))
     goals = objectives(cfg)
     if len(goals) == 1:
         return OptunaSearch(metric=cfg.metric, mode="min", sampler=sampler)

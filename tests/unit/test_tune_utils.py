@@ -17,6 +17,7 @@ from lmforge.tune import (
     check_fits,
     make_scheduler,
     make_searcher,
+    startup_trials,
     objectives,
     pareto_front,
     search_space,
@@ -172,11 +173,18 @@ def test_searcher_objectives_and_seeded_samplers():
     assert objectives(single) == {"val_loss": "min"}
     tpe = make_searcher(single)
     assert tpe._metric == "val_loss" and isinstance(tpe._sampler, optuna.samplers.TPESampler)
+    assert tpe._sampler._n_startup_trials == 2  # 4 trials: a third, at least 2
     multi = spec_with(tune={"multi_objective": True, "searcher": "random"}).tune
     assert objectives(multi) == {"val_loss": "min", "tokens_per_s": "max"}
     rnd = make_searcher(multi)
     assert rnd._metric == ["val_loss", "tokens_per_s"] and rnd._mode == ["min", "max"]
     assert isinstance(rnd._sampler, optuna.samplers.RandomSampler)
+
+
+def test_tpe_startup_trials_scale_with_the_search_unless_set():
+    assert [startup_trials(spec_with(tune={"num_trials": n}).tune) for n in (1, 12, 40, 90)] \
+        == [2, 4, 10, 10]
+    assert startup_trials(spec_with(tune={"num_trials": 12, "startup_trials": 7}).tune) == 7
 
 
 def test_pareto_front_keeps_the_non_dominated_trials():
