@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from lmforge.data.tokenizer import EOS
-from lmforge.serve.generate import GenerationParams, decode_stream, generate_batch
+from lmforge.serve.generate import Decoder, GenerationParams, decode_stream, generate_batch
 from lmforge.serve.schemas import CompletionRequest, CompletionResponse, error_body
 
 PROMPTS = ["the", "quick brown fox jumps", "a", "def f_1(x):\n    return"]
@@ -204,3 +204,48 @@ def test_completion_response_and_error_shapes():
     assert first.object == "text_completion"
     assert error_body("bad", "max_tokens") == {"error": {
         "message": "bad", "type": "invalid_request_error", "param": "max_tokens", "code": None}}
+
+
+# --- continuous batching ---------------------------------------------------------------
+
+
+def test_a_request_joining_mid_batch_decodes_as_if_alone(tiny_model, char_tok, request_for):
+    """Rows admitted between steps (longer and shorter prompts than the running ones) get
+    the tokens they get alone, and so do the rows they joined."""
+    first = [request_for("quick brown", max_tokens=12, temperature=0),
+             request_for("a", max_tokens=20, temperature=0, seed=3)]
+    late = [request_for("def f_1(x):\n    return", max_tokens=6, temperature=0),
+            request_for("the", max_tokens=9, temperature=1.0, seed=7)]
+    alone = {i: generate_batch(tiny_model, char_tok, [r])[0].token_ids
+             for i, r in enumerate(first + late)}
+    decoder = Decoder(tiny_model, char_tok)
+    got: dict[int, list[int]] = {i: [] for i in alone}
+    for step in range(40):
+        admit = list(enumerate(first)) if step == 0 else (
+            [(2 + i, r) for i, r in enumerate(late)] if step == 3 else [])
+        for key, delta in decoder.step(admit):
+            got[key] += delta.token_ids
+        if step > 3 and not len(decoder):
+            break
+    assert got == alone
+    assert decoder.mask is None and decoder.cache is None  # everything left
+
+
+def test_the_cache_is_trimmed_to_the_longest_live_row(tiny_model, char_tok, request_for):
+    decoder = Decoder(tiny_model, char_tok)
+    decoder.step([("long", request_for("def f_1(x):\n    return", max_tokens=3, temperature=0)),
+                  ("short", request_for("a", max_tokens=10, temperature=0))])
+    while "long" in decoder.keys:
+        decoder.step()
+    # Only "a" and its first two tokens are in the cache (the third goes in at the next
+    # step): the long prompt's columns are gone.
+    assert decoder.mask.shape[1] == 1 + 2 and bool(decoder.mask.all())
+    assert decoder.cache.layers[0].keys.shape[-2] == decoder.mask.shape[1]
+
+
+def test_dropped_rows_leave_without_a_delta(tiny_model, char_tok, request_for):
+    decoder = Decoder(tiny_model, char_tok)
+    decoder.step([("a", request_for("the", temperature=0)),
+                  ("b", request_for("quick", temperature=0))])
+    deltas = decoder.step(drop={"a"})
+    assert [k for k, _ in deltas] == ["b"] and decoder.keys == ["b"]

@@ -1,19 +1,23 @@
-"""Batched, streamed sampling with per-request settings.
+"""Continuously batched, streamed sampling with per-request settings.
 
-`transformers`' `generate()` applies one GenerationConfig (and one RNG) to a whole batch;
-a serving batch mixes requests with their own max_tokens, temperature, top_p, top_k, seed
-and stop strings, and each must stream its own tokens and leave the batch when it is done.
-So this short decode loop is written here. It left-pads prompts, masks the padding, reuses
-the KV cache, and drops a finished request's row from the batch (and from the cache) at
-once, so the rest decode with less work and the finished one can be answered right away.
+`transformers`' `generate()` applies one GenerationConfig (and one RNG) to a whole batch
+and runs it to the end; a serving batch mixes requests with their own max_tokens,
+temperature, top_p, top_k, seed and stop strings, each must stream its own tokens, leave
+the batch when it is done, and a request arriving mid-batch should not wait for the batch
+to finish. So `Decoder` is written here: token-level ("continuous") batching as LLM
+servers do it (vLLM, TGI; Ray Serve's LLM API delegates it to vLLM, which does not run on
+a CPU-only box). Between two decode steps it prefills newly admitted prompts (left-padded
+and masked) and merges their KV cache into the running batch; a finished request's row is
+dropped from the batch and the cache at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -46,21 +50,43 @@ class Generation:
     finish_reason: str = "length"
 
 
-def _sample(logits: torch.Tensor, p: GenerationParams, gen: torch.Generator | None) -> int:
-    if p.temperature == 0:
-        return int(logits.argmax())
-    logits = logits.float() / p.temperature
-    if 0 < p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
+def _sample(logits: torch.Tensor, params: list[GenerationParams],
+            gens: list[torch.Generator | None]) -> list[int]:
+    """One token per row of `logits` (rows x vocab, float32 on the CPU), each with its own
+    settings, computed for all rows at once; a seeded row draws from its own generator,
+    so its tokens do not depend on what it is batched with."""
+    out = logits.argmax(-1).tolist()  # temperature 0: greedy
+    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not rows:
+        return out
+    x = logits[rows] / torch.tensor([[params[i].temperature] for i in rows])
+    top_k = torch.tensor([params[i].top_k for i in rows])
+    cut = (top_k > 0) & (top_k < x.shape[-1])
+    if cut.any():
+        kth = torch.topk(x, int(top_k[cut].max()), dim=-1).values
+        kth = kth.gather(-1, (top_k.clamp(1, kth.shape[-1]) - 1)[:, None])
+        x = x.masked_fill(cut[:, None] & (x < kth), float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    top_p = torch.tensor([[params[i].top_p] for i in rows])
+    if (top_p < 1).any():
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
-        sorted_probs[drop] = 0
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=gen))
+        drop = (sorted_probs.cumsum(-1) - sorted_probs >= top_p) & (top_p < 1)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0))
+    # Inverse-CDF draws: one uniform number per row (from the row's own generator when it
+    # is seeded), all rows searched at once; torch.multinomial costs ~1 ms for 32 rows.
+    u = torch.empty(len(rows), 1)
+    shared = [j for j, i in enumerate(rows) if gens[i] is None]
+    if shared:
+        u[shared] = torch.rand(len(shared), 1)
+    for j, i in enumerate(rows):
+        if gens[i] is not None:
+            u[j] = torch.rand(1, generator=gens[i])
+    cdf = probs.cumsum(-1)
+    picks = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
+    for i, tok in zip(rows, picks[:, 0].tolist(), strict=True):
+        out[i] = tok
+    return out
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -85,6 +111,8 @@ class _Request:
         self.token_ids: list[int] = []
         self.text = ""
         self.emitted = 0
+        # `tokenizers`' incremental detokenizer: each token costs O(1), not a re-decode.
+        self.detok = DecodeStream(skip_special_tokens=True)
 
     def add(self, tok: int | None, tokenizer: PreTrainedTokenizerBase) -> Delta:
         """Take one sampled token (None: end of text); return what to emit."""
@@ -92,7 +120,11 @@ class _Request:
         new = [] if tok is None else [tok]
         if tok is not None:
             self.token_ids.append(tok)
-            self.text = tokenizer.decode(self.token_ids, skip_special_tokens=True)
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            if backend is not None:
+                self.text += self.detok.step(backend, tok) or ""
+            else:  # a slow (Python) tokenizer: decode everything again
+                self.text = tokenizer.decode(self.token_ids, skip_special_tokens=True)
         finish = "stop" if tok is None else None
         hit = min((i for s in p.stop if (i := self.text.find(s)) >= 0), default=-1)
         if hit >= 0:  # the earliest stop sequence ends the text, and is not part of it
@@ -106,51 +138,142 @@ class _Request:
         return delta
 
 
-@torch.inference_mode()
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`t` zero-padded on the left of `dim` to `width`."""
+    if t.shape[dim] == width:
+        return t
+    shape = list(t.shape)
+    shape[dim] = width - t.shape[dim]
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class Decoder:
+    """Rows decoding together, one token per `step`, that requests join and leave between
+    steps. Every row's tokens sit right-aligned in the KV cache (`mask` marks them), so two
+    batches merge by left-padding the shorter cache, and leading columns no row uses any
+    more are trimmed: the cache is never longer than the longest live sequence."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.keys: list[Hashable] = []  # row -> the caller's key for that request
+        self.states: list[_Request] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # rows x cache length: 1 = a real token
+        self.next_ids: list[int] = []  # each row's last sampled token, not yet in the cache
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @torch.inference_mode()
+    def step(self, admit: Iterable[tuple[Hashable, GenerationParams]] = (),
+             drop: Iterable[Hashable] = ()) -> list[tuple[Hashable, Delta]]:
+        """Drop the rows of `drop` (requests nobody waits for any more), decode one token
+        for every running row, then prefill `admit`'s prompts (their first token) and merge
+        them in. Returns a Delta per row; a row whose Delta has a finish_reason has left."""
+        gone = set(drop)
+        if gone:
+            self._keep([r for r, k in enumerate(self.keys) if k not in gone])
+        deltas = self._decode() if self.keys else []
+        admit = list(admit)
+        if admit:
+            deltas += self._prefill(admit)
+        return deltas
+
+    def _decode(self) -> list[tuple[Hashable, Delta]]:
+        mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
+        out = self.model(input_ids=torch.tensor(self.next_ids, device=self.device)[:, None],
+                         attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                         cache=self.cache, use_cache=True)
+        self.cache, self.mask = out.cache, mask
+        deltas, keep, self.next_ids = self._advance(out.logits[:, -1, :], self.keys,
+                                                    self.states)
+        if len(keep) < len(self):
+            self._keep(keep)
+        return deltas
+
+    def _prefill(self, admit: list[tuple[Hashable, GenerationParams]]
+                 ) -> list[tuple[Hashable, Delta]]:
+        prompts = [p.prompt_ids for _, p in admit]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts],
+                           device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                            device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask,
+                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+        keys, states = [k for k, _ in admit], [_Request(p) for _, p in admit]
+        deltas, keep, sampled = self._advance(out.logits[:, -1, :], keys, states)
+        if keep:  # merge the rows still running into the batch
+            new = torch.tensor(keep, device=self.device)
+            out.cache.batch_select_indices(new)
+            if self.keys:
+                self._merge(out.cache, mask[new])
+            else:
+                self.cache, self.mask = out.cache, mask[new]
+            self.keys += [keys[r] for r in keep]
+            self.states += [states[r] for r in keep]
+            self.next_ids += [sampled[r] for r in keep]
+        return deltas
+
+    def _advance(self, logits: torch.Tensor, keys: list[Hashable], states: list[_Request]
+                 ) -> tuple[list[tuple[Hashable, Delta]], list[int], list[int]]:
+        """Sample each row's next token; return the Deltas, the rows still running and the
+        sampled tokens."""
+        # Sampling runs on the CPU: one transfer per step, and a seeded request draws the
+        # same tokens on any device.
+        sampled = _sample(logits.float().cpu(), [s.params for s in states],
+                          [s.gen for s in states])
+        deltas, keep = [], []
+        for row, (key, state, tok) in enumerate(zip(keys, states, sampled, strict=True)):
+            delta = state.add(None if tok == self.eos else tok, self.tokenizer)
+            deltas.append((key, delta))
+            if delta.finish_reason is None:
+                keep.append(row)
+        return deltas, keep, sampled
+
+    def _keep(self, rows: list[int]) -> None:
+        """Keep only `rows`, and trim cache columns no remaining row uses."""
+        self.keys = [self.keys[r] for r in rows]
+        self.states = [self.states[r] for r in rows]
+        self.next_ids = [self.next_ids[r] for r in rows]
+        if not rows:
+            self.cache = self.mask = None
+            return
+        idx = torch.tensor(rows, device=self.device)
+        self.cache.batch_select_indices(idx)
+        self.mask = self.mask[idx]
+        first = int(self.mask.any(0).int().argmax())
+        if first:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+
+    def _merge(self, cache, mask: torch.Tensor) -> None:  # noqa: ANN001
+        """Append rows (their KV cache and mask) to the batch, left-padding the shorter."""
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width, -2),
+                                   _left_pad(theirs.keys, width, -2)])
+            mine.values = torch.cat([_left_pad(mine.values, width, -2),
+                                     _left_pad(theirs.values, width, -2)])
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+
+
 def decode_stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                   requests: list[GenerationParams]) -> Iterator[list[Delta | None]]:
     """Decode `requests` together, one token per step. Each step yields one entry per
     request: its Delta while it runs (the last one carries `finish_reason`), then None."""
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    width = max(len(r.prompt_ids) for r in requests)
-    ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests],
-                       device=device)
-    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids)
-                         for r in requests], device=device)
-    states = [_Request(r) for r in requests]
-    rows = list(range(len(requests)))  # row of the batch tensors -> request index
-    cache = None
-    step_input = ids
-    while rows:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1]:]
-        out = model(input_ids=step_input, attention_mask=mask, position_ids=positions,
-                    cache=cache, use_cache=True)
-        cache = out.cache
-        # Sampling runs on the CPU: one transfer per step (`int()` would sync per row
-        # anyway), and a seeded request draws the same tokens on any device.
-        logits = out.logits[:, -1, :].float().cpu()
+    decoder = Decoder(model, tokenizer)
+    admit = list(enumerate(requests))
+    while admit or len(decoder):
         step: list[Delta | None] = [None] * len(requests)
-        keep, next_ids = [], []
-        for row, i in enumerate(rows):
-            s = states[i]
-            tok = _sample(logits[row], s.params, s.gen)
-            step[i] = s.add(None if tok == eos else tok, tokenizer)
-            if step[i].finish_reason is None:
-                keep.append(row)
-                next_ids.append(tok)
+        for i, delta in decoder.step(admit):
+            step[i] = delta
+        admit = []
         yield step
-        if len(keep) < len(rows):
-            # A finished request leaves the batch: drop its row from the inputs and cache.
-            if not keep:
-                break
-            idx = torch.tensor(keep, device=device)
-            cache.batch_select_indices(idx)
-            mask = mask[idx]
-            rows = [rows[r] for r in keep]
-        step_input = torch.tensor(next_ids, device=device)[:, None]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
 
 
 def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
