@@ -333,11 +333,15 @@ class ServeConfig(Section):
     """Largest request body accepted; a larger one gets 413."""
     alias_poll_s: float = Field(10.0, ge=0)
     """Serving `models:/NAME@ALIAS`: how often each replica checks whether the alias
-    moved, and if so loads the new version and switches to it between batches. 0: never."""
+    moved, and if so loads the new version and sends new requests to it (requests already
+    running finish on the old one). 0: never."""
     max_batch_size: int = Field(8, ge=1)
-    """Most requests generated together by `@serve.batch`."""
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    """How long a batch waits to fill before it runs."""
+    """Most sequences a replica decodes together. Batching is continuous: a request
+    joins the running batch at the next token while a row is free."""
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
+    """How long `@serve.batch` waits for more requests before admitting the ones that
+    arrived (they are prefilled together). 0: admit at once; requests that arrive
+    during a decode step are gathered anyway."""
     max_tokens_limit: int = Field(512, ge=1)
     """Largest `max_tokens` a request may ask for."""
     cpus_per_replica: float = Field(1.0, gt=0)

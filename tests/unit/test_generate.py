@@ -249,3 +249,24 @@ def test_dropped_rows_leave_without_a_delta(tiny_model, char_tok, request_for):
                   ("b", request_for("quick", temperature=0))])
     deltas = decoder.step(drop={"a"})
     assert [k for k, _ in deltas] == ["b"] and decoder.keys == ["b"]
+
+
+def test_sampling_follows_the_distribution_after_top_p_and_top_k():
+    from lmforge.serve.generate import _sample
+
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]])).repeat(4000, 1)
+
+    def freq(**settings) -> list[float]:
+        params = [GenerationParams(prompt_ids=[0], max_tokens=1, **settings)] * len(logits)
+        gens = [torch.Generator().manual_seed(i) if "seed" in settings else None
+                for i in range(len(logits))]
+        counts = torch.bincount(torch.tensor(_sample(logits, params, gens)), minlength=5)
+        return (counts / len(logits)).tolist()
+
+    assert freq(temperature=1.0) == pytest.approx([0.5, 0.3, 0.15, 0.05, 0], abs=0.03)
+    assert freq(temperature=1.0, seed=0) == pytest.approx([0.5, 0.3, 0.15, 0.05, 0], abs=0.03)
+    # top_p 0.7 keeps {0.5, 0.3}; top_k 2 the same two; both renormalised.
+    for cut in ({"top_p": 0.7}, {"top_k": 2}):
+        assert freq(temperature=1.0, **cut) == pytest.approx([0.625, 0.375, 0, 0, 0], abs=0.03)
+    assert freq(temperature=0) == [1, 0, 0, 0, 0]

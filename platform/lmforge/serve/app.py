@@ -5,10 +5,12 @@ inject a tiny model and production passes `functools.partial(load_model, trackin
 Nothing here starts Ray or Serve at import. No `from __future__ import annotations`:
 FastAPI reads the handler annotations at runtime to find the request body.
 
-Ray Serve does the serving work: `@serve.batch` (a streaming batch handler) groups
-concurrent requests, `max_ongoing_requests`/`max_queued_requests` with a
-`BackpressureConfig` refuse overload at once (503 or 429 with Retry-After), the proxy's
-`request_timeout_s` answers 408, and the autoscaler adds and removes replicas.
+Ray Serve does the serving work: `@serve.batch` gathers requests that arrive together and
+hands them to the replica's decode loop (`serve/engine.py`, continuous batching), which
+admits them into the running batch at the next token; `max_ongoing_requests` and
+`max_queued_requests` with a `BackpressureConfig` refuse overload at once (503, or 429
+with Retry-After), the proxy's `request_timeout_s` answers 408, and the autoscaler adds
+and removes replicas.
 """
 
 import asyncio
@@ -34,7 +36,8 @@ from ray.serve.metrics import Counter, Histogram
 
 from lmforge.config import ServeConfig
 from lmforge.registry import LoadedModel
-from lmforge.serve.generate import Delta, GenerationParams, decode_stream
+from lmforge.serve.engine import Engine, Stream
+from lmforge.serve.generate import Delta, GenerationParams
 from lmforge.serve.playground import PLAYGROUND_HTML
 from lmforge.serve.schemas import (
     ChatChoice,
@@ -142,19 +145,6 @@ def _reject(message: str, param: str | None) -> JSONResponse:
     return JSONResponse(error_body(message, param), status_code=422)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Job:
-    """One sequence to decode, with the model version it was tokenized for."""
-
-    loaded: LoadedModel
-    params: GenerationParams
-
-
-async def _drain(stream: AsyncIterator) -> None:
-    async for _ in stream:
-        pass
-
-
 def pin_alias(uri: str, tracking_uri: str | None) -> str:
     """`models:/NAME@ALIAS` -> `models:/NAME/VERSION` the alias points at now; any other
     URI unchanged. Loading the pinned URI cannot race a promotion."""
@@ -177,8 +167,9 @@ class TextGenerator:
         self.max_tokens_limit = cfg.max_tokens_limit
         api.state.api_keys = [k.encode() for k in cfg.api_keys]  # read by _require_api_key
         api.state.max_body_bytes = cfg.max_body_bytes
-        self._generate.set_max_batch_size(cfg.max_batch_size)
-        self._generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._admit.set_max_batch_size(cfg.max_batch_size)
+        self._admit.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._engine = Engine(max_rows=cfg.max_batch_size)
         self._pinned = self._resolve(model_uri)
         self.loaded = self._load(self._pinned)
         tags = ("model_version",)
@@ -194,7 +185,6 @@ class TextGenerator:
                                boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500],
                                tag_keys=tags)
         self._stop = threading.Event()
-        self._draining: set[asyncio.Task] = set()
         if model_uri != self._pinned and cfg.alias_poll_s > 0:
             # A thread, not a task: loading is blocking work, and the event loop keeps
             # serving the old version until the new one is ready, then the swap is one
@@ -225,56 +215,28 @@ class TextGenerator:
     def __del__(self) -> None:
         self._stop.set()
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate(self, batch: list[_Job]) -> AsyncIterator[list]:
-        """Decode a batch, yielding each request's Delta per step. Requests tokenized for
-        different model versions (only around an alias switch) run one group after the
-        other; the waiting group gets empty deltas meanwhile."""
-        groups: dict[int, list[int]] = {}
-        for i, job in enumerate(batch):
-            groups.setdefault(id(job.loaded), []).append(i)
-        done: set[int] = set()
-        for members in groups.values():
-            loaded = batch[members[0]].loaded
-            steps = decode_stream(loaded.model, loaded.tokenizer,
-                                  [batch[i].params for i in members])
-            while True:
-                # Each step in a thread, so health checks and new requests are served
-                # while the batch decodes.
-                step = await asyncio.to_thread(next, steps, None)
-                if step is None:
-                    break
-                out: list = [StopIteration if i in done else Delta("", []) for i in
-                             range(len(batch))]
-                for i, delta in zip(members, step, strict=True):
-                    if delta is None:
-                        out[i] = StopIteration
-                        done.add(i)
-                    else:
-                        out[i] = delta
-                yield out
-                done.update(i for i, d in zip(members, step, strict=True)
-                            if d is not None and d.finish_reason)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _admit(self, streams: list[Stream]) -> list[Stream]:
+        """Requests Serve gathered together join the decode loop as one group (prefilled
+        together, between two decode steps)."""
+        self._engine.submit(streams)
+        return streams
 
-    async def _run(self, job: _Job, start: float) -> AsyncIterator[Delta]:
+    async def _run(self, stream: Stream, start: float) -> AsyncIterator[Delta]:
         """One sequence's deltas; returns as soon as it finishes, whatever the batch does."""
-        tags = {"model_version": job.loaded.name}
+        tags = {"model_version": stream.loaded.name}
         first, n_tokens = None, 0
-        deltas = self._generate(job)
-        async for delta in deltas:
-            if delta.token_ids:
-                n_tokens += len(delta.token_ids)
-                if first is None:
-                    first = time.perf_counter()
-                    self._ttft.observe(first - start, tags=tags)
-            yield delta
-            if delta.finish_reason:
-                # Answer now; the batch's end-of-stream marker for this request comes
-                # one step later and is consumed in the background.
-                drain = asyncio.create_task(_drain(deltas))
-                self._draining.add(drain)
-                drain.add_done_callback(self._draining.discard)
-                break
+        await self._admit(stream)
+        try:
+            async for delta in stream:
+                if delta.token_ids:
+                    n_tokens += len(delta.token_ids)
+                    if first is None:
+                        first = time.perf_counter()
+                        self._ttft.observe(first - start, tags=tags)
+                yield delta
+        finally:  # a client gone or timed out: its row leaves the batch at the next step
+            stream.cancel()
         if n_tokens:
             self._tokens.inc(n_tokens, tags=tags)
             elapsed = time.perf_counter() - start
@@ -351,7 +313,7 @@ class TextGenerator:
         start = time.perf_counter()
         # n > 1: independent samples, each with its own seed (seed + i) so that a seeded
         # request stays reproducible; they batch together with everything else.
-        jobs = [_Job(loaded, GenerationParams(
+        streams = [Stream(loaded, GenerationParams(
             prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=req.temperature,
             top_p=req.top_p, top_k=req.top_k, stop=tuple(stop),
             seed=None if req.seed is None else req.seed + i)) for i in range(req.n)]
@@ -362,17 +324,17 @@ class TextGenerator:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                self._sse(jobs, start, loaded.name, chat, usage, include_usage),
+                self._sse(streams, start, loaded.name, chat, usage, include_usage),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        texts, reasons = [""] * len(jobs), ["length"] * len(jobs)
+        texts, reasons = [""] * len(streams), ["length"] * len(streams)
 
         async def collect(i: int) -> None:
-            async for d in self._run(jobs[i], start):
+            async for d in self._run(streams[i], start):
                 texts[i] += d.text
                 usage["completion_tokens"] += len(d.token_ids)
                 reasons[i] = d.finish_reason or reasons[i]
 
-        await asyncio.gather(*(collect(i) for i in range(len(jobs))))
+        await asyncio.gather(*(collect(i) for i in range(len(streams))))
         u = Usage(**usage, total_tokens=usage["prompt_tokens"] + usage["completion_tokens"])
         if chat:
             return ChatCompletionResponse(model=loaded.name, usage=u, choices=[
@@ -382,7 +344,7 @@ class TextGenerator:
             Choice(index=i, text=t, finish_reason=r)
             for i, (t, r) in enumerate(zip(texts, reasons, strict=True))])
 
-    async def _sse(self, jobs: list[_Job], start: float, model: str, chat: bool,
+    async def _sse(self, streams: list[Stream], start: float, model: str, chat: bool,
                    usage: dict[str, int], include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
@@ -400,23 +362,23 @@ class TextGenerator:
             return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
 
         if chat:  # OpenAI opens every chat choice with the role
-            for i in range(len(jobs)):
+            for i in range(len(streams)):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}])
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int) -> None:
             try:
-                async for d in self._run(jobs[i], start):
+                async for d in self._run(streams[i], start):
                     await queue.put((i, d))
             except Exception as e:  # surfaced in the stream: the 200 is already sent
                 await queue.put((i, e))
             finally:
                 await queue.put((i, None))
 
-        tasks = [asyncio.create_task(pump(i)) for i in range(len(jobs))]
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(streams))]
         try:
-            running = len(jobs)
+            running = len(streams)
             while running:
                 i, d = await queue.get()
                 if d is None:

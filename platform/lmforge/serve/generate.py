@@ -167,6 +167,10 @@ class Decoder:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def clear(self) -> None:
+        """Drop every row."""
+        self._keep([])
+
     @torch.inference_mode()
     def step(self, admit: Iterable[tuple[Hashable, GenerationParams]] = (),
              drop: Iterable[Hashable] = ()) -> list[tuple[Hashable, Delta]]:

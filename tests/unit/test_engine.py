@@ -1,0 +1,83 @@
+"""The replica's decode loop (continuous batching on asyncio), without Ray."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from lmforge.registry import LoadedModel
+from lmforge.serve.engine import Engine, Stream
+from lmforge.serve.generate import GenerationParams, generate_batch
+
+
+@pytest.fixture
+def loaded(tiny_model, char_tok) -> LoadedModel:
+    return LoadedModel(tiny_model, char_tok, "tiny")
+
+
+def params(tok, prompt: str, max_tokens: int = 12) -> GenerationParams:
+    return GenerationParams(prompt_ids=tok.encode(prompt, add_special_tokens=False),
+                            max_tokens=max_tokens, temperature=0)
+
+
+async def collect(stream: Stream) -> list[int]:
+    return [t async for delta in stream for t in delta.token_ids]
+
+
+def test_requests_arriving_while_others_decode_join_and_match_decoding_alone(loaded):
+    prompts = ["quick brown", "a", "def f_1(x):\n    return", "the"]
+    requests = [params(loaded.tokenizer, p, max_tokens=6 + 3 * i) for i, p in enumerate(prompts)]
+    alone = [generate_batch(loaded.model, loaded.tokenizer, [r])[0].token_ids for r in requests]
+
+    async def main() -> list[list[int]]:
+        engine = Engine(max_rows=3)  # the 4th waits for a free row
+        streams = [Stream(loaded, r) for r in requests]
+        engine.submit(streams[:2])
+        first = asyncio.create_task(collect(streams[0]))
+        await asyncio.sleep(0)  # let the loop start decoding before the others arrive
+        engine.submit(streams[2:])
+        return [await first, *[await collect(s) for s in streams[1:]]]
+
+    assert asyncio.run(main()) == alone
+
+
+def test_a_cancelled_stream_leaves_and_the_others_finish(loaded):
+    async def main() -> tuple[int, list[int]]:
+        engine = Engine(max_rows=4)
+        gone, kept = (Stream(loaded, params(loaded.tokenizer, p, 30)) for p in ("the", "a"))
+        engine.submit([gone, kept])
+        async for _ in gone:  # one token, then the client goes away
+            gone.cancel()
+            break
+        tokens = await collect(kept)
+        return engine.running, tokens
+
+    running, tokens = asyncio.run(main())
+    assert running == 0 and len(tokens) == 30
+
+
+class Broken(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kwargs):  # noqa: ANN003, ANN201
+        raise RuntimeError("model exploded")
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(loaded):
+    broken = LoadedModel(Broken(loaded.model), loaded.tokenizer, "broken")
+
+    async def main() -> list[int]:
+        engine = Engine(max_rows=4)
+        bad = Stream(broken, params(loaded.tokenizer, "the"))
+        engine.submit([bad])
+        with pytest.raises(RuntimeError, match="model exploded"):
+            await collect(bad)
+        good = Stream(loaded, params(loaded.tokenizer, "the", 5))
+        engine.submit([good])
+        return await collect(good)
+
+    assert len(asyncio.run(main())) == 5
