@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import cloudpickle
 import httpx
 import pytest
+import ray
 from ray import serve
 from ray.util.state import list_actors
 
@@ -57,7 +58,8 @@ def replica_states() -> dict[str, int]:
 
 def replica_pids() -> set[int]:
     """PIDs of the live replica processes, from Ray's state API."""
-    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:{APP}:TextGenerator"),
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,  # this test's cluster
+                         filters=[("class_name", "=", f"ServeReplica:{APP}:TextGenerator"),
                                   ("state", "=", "ALIVE")])
     return {a.pid for a in actors}
 

@@ -38,7 +38,10 @@ def test_requests_arriving_while_others_decode_join_and_match_decoding_alone(loa
         first = asyncio.create_task(collect(streams[0]))
         await asyncio.sleep(0)  # let the loop start decoding before the others arrive
         engine.submit(streams[2:])
-        return [await first, *[await collect(s) for s in streams[1:]]]
+        try:
+            return [await first, *[await collect(s) for s in streams[1:]]]
+        finally:
+            engine.close()
 
     assert asyncio.run(main()) == alone
 
@@ -52,6 +55,7 @@ def test_a_cancelled_stream_leaves_and_the_others_finish(loaded):
             gone.cancel()
             break
         tokens = await collect(kept)
+        engine.close()
         return engine.running, tokens
 
     running, tokens = asyncio.run(main())
@@ -78,6 +82,26 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(loaded):
             await collect(bad)
         good = Stream(loaded, params(loaded.tokenizer, "the", 5))
         engine.submit([good])
-        return await collect(good)
+        tokens = await collect(good)
+        engine.close()
+        return tokens
 
     assert len(asyncio.run(main())) == 5
+
+
+def test_a_stream_that_is_not_live_gets_one_delta_with_everything(loaded):
+    request = params(loaded.tokenizer, "quick", 9)
+    whole = generate_batch(loaded.model, loaded.tokenizer, [request])[0]
+
+    async def main() -> tuple[list, Stream]:
+        engine = Engine(max_rows=2)
+        quiet = Stream(loaded, request, live=False)
+        engine.submit([quiet, Stream(loaded, params(loaded.tokenizer, "a", 3))])
+        deltas = [d async for d in quiet]
+        engine.close()
+        return deltas, quiet
+
+    deltas, quiet = asyncio.run(main())
+    assert len(deltas) == 1 and deltas[0].token_ids == whole.token_ids
+    assert deltas[0].text == whole.text and deltas[0].finish_reason == whole.finish_reason
+    assert quiet.first_token_at is not None

@@ -214,6 +214,7 @@ class TextGenerator:
 
     def __del__(self) -> None:
         self._stop.set()
+        self._engine.close()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _admit(self, streams: list[Stream]) -> list[Stream]:
@@ -224,23 +225,19 @@ class TextGenerator:
 
     async def _run(self, stream: Stream, start: float) -> AsyncIterator[Delta]:
         """One sequence's deltas; returns as soon as it finishes, whatever the batch does."""
-        tags = {"model_version": stream.loaded.name}
-        first, n_tokens = None, 0
+        n_tokens = 0
         await self._admit(stream)
         try:
             async for delta in stream:
-                if delta.token_ids:
-                    n_tokens += len(delta.token_ids)
-                    if first is None:
-                        first = time.perf_counter()
-                        self._ttft.observe(first - start, tags=tags)
+                n_tokens += len(delta.token_ids)
                 yield delta
         finally:  # a client gone or timed out: its row leaves the batch at the next step
             stream.cancel()
         if n_tokens:
+            tags = {"model_version": stream.loaded.name}
+            self._ttft.observe(stream.first_token_at - start, tags=tags)
             self._tokens.inc(n_tokens, tags=tags)
-            elapsed = time.perf_counter() - start
-            self._rate.observe(n_tokens / max(elapsed, 1e-6), tags=tags)
+            self._rate.observe(n_tokens / max(time.perf_counter() - start, 1e-6), tags=tags)
 
     # --- routes ----------------------------------------------------------------------
 
@@ -316,7 +313,8 @@ class TextGenerator:
         streams = [Stream(loaded, GenerationParams(
             prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=req.temperature,
             top_p=req.top_p, top_k=req.top_k, stop=tuple(stop),
-            seed=None if req.seed is None else req.seed + i)) for i in range(req.n)]
+            seed=None if req.seed is None else req.seed + i), live=req.stream)
+            for i in range(req.n)]
         route = "chat" if chat else "completions"
         self._requests.inc(tags={"model_version": loaded.name, "route": route,
                                  "stream": str(req.stream).lower()})

@@ -1,9 +1,11 @@
-"""A replica's decode loop: continuous batching on asyncio, no Ray needed.
+"""A replica's decode loop: continuous batching in one thread, results on asyncio.
 
-`Engine.submit(streams)` queues requests; one background task steps a `Decoder` per model
-version in a worker thread (so the event loop keeps answering health checks and taking
-requests), and between two steps admits waiting requests while rows are free. A request
-never waits for another batch to finish, and each `Stream` gets its Deltas as they come.
+`Engine.submit(streams)` queues requests. A decode thread steps a `Decoder` per model
+version back to back and, between two steps, admits waiting requests while rows are free:
+a request never waits for another batch to finish. Results reach the event loop once per
+step (one `call_soon_threadsafe` for all rows), and only for streams that show tokens as
+they come or have finished; a non-streaming request gets one Delta with all its text.
+The event loop meanwhile keeps answering health checks and taking requests.
 
 Ray Serve's `@serve.batch` runs a batch to its end (or several whole batches side by side,
 competing for the same cores); token-level batching is left to engines such as vLLM,
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -24,20 +28,19 @@ log = logging.getLogger("ray.serve")
 
 
 class Stream:
-    """One sequence to decode for the model version it was tokenized for; iterate it for
-    its Deltas (the last one has a finish_reason)."""
+    """One sequence to decode for the model version it was tokenized for. Iterate it for
+    its Deltas (the last one has a finish_reason): one per token when `live`, else one."""
 
-    def __init__(self, loaded: LoadedModel, params: GenerationParams) -> None:
-        self.loaded, self.params = loaded, params
+    def __init__(self, loaded: LoadedModel, params: GenerationParams, live: bool = True) -> None:
+        self.loaded, self.params, self.live = loaded, params, live
         self.cancelled = False
+        self.first_token_at: float | None = None  # perf_counter() of its first token
+        self._held: Delta | None = None  # decode thread only: what is not delivered yet
         self._queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
 
     def cancel(self) -> None:
         """Nobody waits for the rest: the engine drops the row before its next step."""
         self.cancelled = True
-
-    def put(self, item: Delta | BaseException) -> None:
-        self._queue.put_nowait(item)
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         while True:
@@ -48,47 +51,72 @@ class Stream:
             if item.finish_reason:
                 return
 
+    def _add(self, delta: Delta) -> Delta | None:
+        """(decode thread) Take one step's Delta; return what to deliver now, if anything."""
+        if delta.token_ids and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if self._held is not None:
+            delta = Delta(self._held.text + delta.text, self._held.token_ids + delta.token_ids,
+                          delta.finish_reason)
+            self._held = None
+        if self.live or delta.finish_reason:
+            return delta
+        self._held = delta
+        return None
+
 
 class Engine:
     """Decodes every submitted Stream, at most `max_rows` rows at a time."""
 
     def __init__(self, max_rows: int) -> None:
         self.max_rows = max_rows
-        self._waiting: deque[Stream] = deque()
+        self._waiting: deque[Stream] = deque()  # appended by the loop, popped by the thread
         # One Decoder per model version: after an alias switch the old one drains while
         # new requests start on the new one.
         self._decoders: dict[int, Decoder] = {}
-        self._task: asyncio.Task | None = None
+        self._wake = threading.Event()
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def running(self) -> int:
-        return sum(map(len, self._decoders.values()))
+        return sum(map(len, list(self._decoders.values())))
 
     def submit(self, streams: list[Stream]) -> None:
+        """(event loop) Queue `streams`; their Deltas arrive on this loop."""
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name="lmforge-decode",
+                                            daemon=True)
+            self._thread.start()
         self._waiting.extend(streams)
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._wake.set()
 
-    async def _loop(self) -> None:
-        try:
-            while self._waiting or self.running:
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+
+    # --- the decode thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._closed:
+            if not self._waiting and not self.running:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
                 admit = self._admit()
                 for key, decoder in list(self._decoders.items()):
-                    await self._step(decoder, admit.get(key, []))
+                    self._step(decoder, admit.get(key, []))
                     if not len(decoder):
                         del self._decoders[key]
-        except BaseException as e:  # a bug here must not leave requests waiting forever
-            if not isinstance(e, asyncio.CancelledError):  # cancelled: the replica stops
+            except Exception as e:  # a bug here must not leave requests waiting forever
                 log.exception("decode loop failed")
-            for decoder in self._decoders.values():
-                for stream in decoder.keys:
-                    stream.put(e)
-            while self._waiting:
-                self._waiting.popleft().put(e)
-            self._decoders.clear()
-            raise
-        finally:
-            self._task = None
+                waiting = [self._waiting.popleft() for _ in range(len(self._waiting))]
+                self._deliver([(s, e) for d in self._decoders.values() for s in d.keys]
+                              + [(s, e) for s in waiting])
+                self._decoders.clear()
 
     def _admit(self) -> dict[int, list[Stream]]:
         """Waiting streams that get a row now, in arrival order, by model version."""
@@ -105,15 +133,22 @@ class Engine:
             free -= 1
         return admit
 
-    async def _step(self, decoder: Decoder, admit: list[Stream]) -> None:
+    def _step(self, decoder: Decoder, admit: list[Stream]) -> None:
         drop = [s for s in decoder.keys if s.cancelled]
         try:
-            deltas = await asyncio.to_thread(decoder.step, [(s, s.params) for s in admit], drop)
+            deltas = decoder.step([(s, s.params) for s in admit], drop)
         except Exception as e:  # this batch fails (and is reset); the engine goes on
             log.exception("decode step failed")
-            for stream in [*decoder.keys, *admit]:
-                stream.put(e)
+            self._deliver([(s, e) for s in [*decoder.keys, *admit]])
             decoder.clear()
             return
-        for stream, delta in deltas:
-            stream.put(delta)
+        self._deliver([(s, d) for s, d in ((s, s._add(d)) for s, d in deltas) if d is not None])
+
+    def _deliver(self, items: list[tuple[Stream, Delta | BaseException]]) -> None:
+        if items and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[Stream, Delta | BaseException]]) -> None:
+    for stream, item in items:
+        stream._queue.put_nowait(item)
