@@ -28,7 +28,7 @@ from lmforge.config import Choice, IntRange, JobSpec, LogUniform, SearchDim, Tun
 from lmforge.data import PreparedData
 from lmforge.storage import require_shared
 from lmforge.tracking import PARENT_TAG, RunTracker
-from lmforge.train import run_training
+from lmforge.train import run_exists, run_training
 
 STATE_FILE = "lmforge_search.json"
 """Written into the Tune experiment directory: the MLflow parent run a resume continues."""
@@ -122,6 +122,12 @@ class TokenBudget(Stopper):
 
     Tune has wall-time (`time_budget_s`) and per-trial stoppers but no budget summed over
     trials, so this one is ours: it keeps each trial's latest `tokens` report.
+
+    On `--resume` the count goes on: Tune pickles the stopper into every experiment-state
+    snapshot, and a restored search runs with that copy (`TuneController.resume` replaces
+    the `RunConfig.stop` from `tuner.pkl`, the empty one from the start), as it does for
+    `time_budget_s`. A trial the kill interrupted continues its Train run from its latest
+    checkpoint (see `train_driver_fn`), so its `tokens` go on from the count kept here.
     """
 
     def __init__(self, max_tokens: int) -> None:
@@ -149,6 +155,12 @@ def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
     """
     ctx = tune.get_context()
     trial_name = ctx.get_trial_name()
+    name = f"{ctx.get_experiment_name()}-{trial_name}"
+    # A resumed search starts the trials the kill interrupted again, from the top of this
+    # function under the same name (Tune holds no checkpoint of theirs: TuneReportCallback
+    # passes only the path). Their Train run is in storage: continue it, so the steps, and
+    # the tokens TokenBudget has counted, are not trained again.
+    resume = run_exists(spec.train.storage_path, name)
     tracker = None
     if parent is not None:
         tracker = RunTracker.start(parent.uri, experiment_id, trial_name, parent=parent, tags={
@@ -160,12 +172,11 @@ def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
         if tracker is not None:
             tracker.log_dict(trial_spec.model_dump(mode="json"), "spec.yaml")
             with tracker.system_metrics(spec.tracking.system_metrics_interval_s):
-                run_training(trial_spec, data, tracker,
-                             name=f"{ctx.get_experiment_name()}-{trial_name}",
-                             callbacks=[TuneReportCallback()])
+                run_training(trial_spec, data, tracker, name=name,
+                             callbacks=[TuneReportCallback()], resume=resume)
         else:
-            run_training(trial_spec, data, None, name=f"{ctx.get_experiment_name()}-{trial_name}",
-                         callbacks=[TuneReportCallback()])
+            run_training(trial_spec, data, None, name=name, callbacks=[TuneReportCallback()],
+                         resume=resume)
     except Exception as e:
         if tracker is not None:
             tracker.set_tags({"lmforge.error": f"{type(e).__name__}: {e}"[:5000]})
@@ -254,8 +265,9 @@ def run_search(spec: JobSpec, data: PreparedData, parent: RunTracker | None,
             raise ResumeError(f"{path}: no Ray Tune experiment state to resume")
         if parent is not None:
             close_orphaned_trials(parent)
-        # Finished and errored trials keep their results; the searcher keeps its history;
-        # trials the killed driver left running start again.
+        # Finished and errored trials keep their results; the searcher keeps its history
+        # and the token budget its count; trials the killed driver left running start
+        # again and continue their Train runs.
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True,
                                    resume_errored=False)
     else:
@@ -314,12 +326,12 @@ def trial_runs(parent: RunTracker) -> dict[str, Any]:
 
 
 def close_orphaned_trials(parent: RunTracker) -> None:
-    """Child runs a killed driver left RUNNING: their trials start again under new runs."""
+    """Child runs a killed driver left RUNNING: their trials go on under new runs."""
     for run in trial_runs(parent).values():
         if run.info.status == "RUNNING":
             child = RunTracker(parent.uri, run.info.run_id)
             child.set_tags({"lmforge.note": "search driver killed; the resumed search "
-                                            "restarted this trial under a new run"})
+                                            "continued this trial under a new run"})
             child.log_loss_curve()
             child.finish("KILLED")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -17,10 +19,10 @@ from lmforge.tune import (
     check_fits,
     make_scheduler,
     make_searcher,
-    startup_trials,
     objectives,
     pareto_front,
     search_space,
+    startup_trials,
     trial_resources,
 )
 
@@ -153,6 +155,24 @@ def test_token_budget_sums_each_trials_latest_report():
     assert not stop.stop_all()
     stop("b", {"tokens": 400})
     assert stop.stop_all()
+
+
+def test_token_budget_keeps_its_count_through_tunes_experiment_snapshot():
+    # Tune writes the stopper into each experiment-state snapshot with this encoder, and a
+    # resumed search runs with what this decoder gives back (TuneController.save_to_dir and
+    # .resume): the budget must come back with its count, not empty.
+    from ray.tune.utils.serialization import TuneFunctionEncoder, _loads_with_cloudpickle
+
+    stop = TokenBudget(1000)
+    stop("finished", {"tokens": 600})
+    stop("interrupted", {"tokens": 200})
+    snapshot = json.dumps({"_stopper": stop}, cls=TuneFunctionEncoder)
+    restored = _loads_with_cloudpickle(snapshot)["_stopper"]
+    assert restored.max_tokens == 1000 and not restored.stop_all()
+    # The interrupted trial continues its Train run from a checkpoint, so its counts go on
+    # from 200: 300 more tokens reach the budget, where a fresh count would need 1000.
+    restored("interrupted", {"tokens": 500})
+    assert restored.stop_all()
 
 
 def test_scheduler_is_asha_in_steps_unless_fifo_or_multi_objective():
