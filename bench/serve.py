@@ -11,7 +11,11 @@ Prints, per concurrency 1, 8 and 32: p50/p99 latency, requests/s, tokens/s; then
   in-process on one thread (the replica's thread count), target <= 1.10x;
 - batching: requests/s at concurrency 32 with max_batch_size=32 / with max_batch_size=1
   (target >= 3x), and its p50 / p50 at concurrency 1 (target <= 1.5x);
-- time to first token at concurrency 8, streaming.
+- time to first token at concurrency 8, streaming;
+- the decode loop alone (serve/engine.py in-process, no HTTP): p50 at 32 concurrent
+  requests / at 1, the batching target without the HTTP stack;
+- CPU milliseconds per request at concurrency 32 by process (HTTP proxy, replica, this
+  load generator), which is where the HTTP figures' time goes on a small machine.
 
     .venv/bin/python bench/serve.py                  # about 2 minutes
     .venv/bin/python bench/serve.py --requests 64    # more requests per level
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import socket
 import statistics
@@ -30,6 +35,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import ray
 import torch
 from ray import serve
@@ -40,6 +46,7 @@ from lmforge.data import prepare_data
 from lmforge.model import build_model
 from lmforge.registry import load_model
 from lmforge.serve import build_app, deploy
+from lmforge.serve.engine import Engine, Stream
 from lmforge.serve.generate import GenerationParams, generate_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +157,48 @@ def in_process_p50(model_dir: Path, runs: int) -> float:
     return statistics.median(times[3:])
 
 
+def engine_p50(model_dir: Path, concurrency: int, total: int) -> float:
+    """p50 latency of `concurrency` closed-loop requests through the decode loop alone."""
+    torch.set_num_threads(1)
+    loaded = no_eos(model_dir)(str(model_dir))
+    ids = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    params = GenerationParams(prompt_ids=ids, max_tokens=NEW_TOKENS, temperature=0.8)
+    latencies: list[float] = []
+    remaining = total
+
+    async def client(engine: Engine) -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            start, stream = time.perf_counter(), Stream(loaded, params, live=False)
+            engine.submit([stream])
+            async for _ in stream:
+                pass
+            latencies.append(time.perf_counter() - start)
+
+    async def run() -> None:
+        engine = Engine(max_rows=32)
+        await asyncio.gather(*(client(engine) for _ in range(concurrency)))
+        engine.close()
+
+    asyncio.run(run())
+    return statistics.median(latencies[concurrency:])  # after the first round
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far of Serve's proxy, the replicas and this process."""
+    out: dict[str, float] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        name = ("proxy" if "ProxyActor" in cmd else "replica" if "ServeReplica" in cmd
+                else "load generator" if proc.pid == psutil.Process().pid else None)
+        if name:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                out[name] = out.get(name, 0.0) + times.user + times.system
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=48, help="requests per level")
@@ -172,7 +221,11 @@ def main() -> None:
                      name="bench")
         asyncio.run(closed_loop(url, 4, 16))  # warm up
         for c in (1, 8, 32):
+            before = cpu_seconds()
             level = asyncio.run(closed_loop(url, c, max(args.requests, 2 * c)))
+            level["cpu_ms_per_request"] = {
+                k: round((v - before.get(k, 0.0)) * 1e3 / level["requests"], 2)
+                for k, v in cpu_seconds().items()}
             results["levels"].append(level)
             print(f"c={c:>2}: p50 {level['p50_s'] * 1e3:7.1f} ms  p99 {level['p99_s'] * 1e3:7.1f}"
                   f" ms  {level['req_per_s']:6.1f} req/s  {level['tokens_per_s']:7.0f} tok/s",
@@ -190,6 +243,8 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     results["in_process_p50_s"] = in_process_p50(model_dir, max(args.requests, 30))
+    results["engine_p50_s"] = {c: engine_p50(model_dir, c, max(args.requests, 4 * c))
+                               for c in (1, 32)}
 
     c1, c32, b1 = results["levels"][0], results["levels"][2], results["c32_batch1"]
     overhead = c1["p50_s"] / results["in_process_p50_s"]
@@ -200,7 +255,13 @@ def main() -> None:
     print(f"batching (c=32 req/s, max_batch_size 32 / 1): {c32['req_per_s']:.1f} / "
           f"{b1['req_per_s']:.1f} = {speedup:.2f}x (target >= 3x); c=32 p50 / c=1 p50 = "
           f"{p50_ratio:.2f}x (target <= 1.5x)")
-    results |= {"overhead_x": overhead, "batching_x": speedup, "c32_over_c1_p50_x": p50_ratio}
+    engine = results["engine_p50_s"]
+    engine_ratio = engine[32] / engine[1]
+    print(f"decode loop alone, c=32 p50 / c=1 p50: {engine[32] * 1e3:.1f} / "
+          f"{engine[1] * 1e3:.1f} ms = {engine_ratio:.2f}x")
+    print(f"CPU ms per request at c=32: {c32['cpu_ms_per_request']}")
+    results |= {"overhead_x": overhead, "batching_x": speedup, "c32_over_c1_p50_x": p50_ratio,
+                "engine_c32_over_c1_p50_x": engine_ratio}
     print(json.dumps(results))
 
 
