@@ -43,7 +43,8 @@ def tiny_model(uri: str) -> LoadedModel:
 @pytest.fixture(scope="module")
 def endpoint(ray_cluster):
     cfg = ServeConfig(port=free_port(), max_batch_size=4, max_tokens_limit=32,
-                      cpus_per_replica=0.5, api_keys=[API_KEY, "second-key"])
+                      cpus_per_replica=0.5, api_keys=[API_KEY, "second-key"],
+                      max_body_bytes=100_000)
     url = deploy(build_app(tiny_model, cfg, "tiny"), cfg, name="test-serve")
     with httpx.Client(base_url=url, timeout=60,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as client:
@@ -280,11 +281,13 @@ def test_unknown_model_is_404_and_a_json_array_is_422(endpoint: httpx.Client):
 
 
 def test_oversized_body_gets_413_declared_or_chunked(endpoint: httpx.Client):
-    big = json.dumps({"prompt": "the " * 300_000}).encode()
+    # 150 kB: over the spec's max_body_bytes (100 kB), under the 1 MB default.
+    big = json.dumps({"prompt": "the " * 37_500}).encode()
     r = endpoint.post("/v1/completions", content=big,
                       headers={"content-type": "application/json"})
-    assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
-    chunked = endpoint.post("/v1/completions", content=iter([big[:700_000], big[700_000:]]),
+    assert r.status_code == 413
+    assert "larger than 100000 bytes" in r.json()["error"]["message"]
+    chunked = endpoint.post("/v1/completions", content=iter([big[:70_000], big[70_000:]]),
                             headers={"content-type": "application/json"})
     assert chunked.status_code == 413, chunked.text
 

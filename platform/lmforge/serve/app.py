@@ -33,6 +33,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 from ray.serve.metrics import Counter, Histogram
+from starlette.datastructures import State
 
 from lmforge.config import ServeConfig
 from lmforge.registry import LoadedModel
@@ -79,6 +80,13 @@ async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONRespo
     return JSONResponse(error_body(f"{param}: {msg}" if param else msg, param), status_code=422)
 
 
+def _state(scope) -> State:  # noqa: ANN001
+    """The serving app's state, which the replica's __init__ configured. Serve runs a
+    copy of `api` made by cloudpickle, and middleware classes travel by value with it, so
+    inside them the module global `api` may be another copy: always go through the scope."""
+    return scope["app"].state
+
+
 class _BodyLimit:
     """413 for a body over `serve.max_body_bytes`, before the app parses it. A pure ASGI
     middleware: a declared Content-Length is refused unread; a chunked body is counted
@@ -90,7 +98,7 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit: int = api.state.max_body_bytes
+        limit: int = _state(scope).max_body_bytes
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _too_large(limit)(scope, receive, send)
@@ -120,19 +128,28 @@ def _too_large(limit: int) -> JSONResponse:
 api.add_middleware(_BodyLimit)
 
 
-@api.middleware("http")
-async def _require_api_key(request: Request, call_next):  # noqa: ANN001
-    """With API keys configured, /v1 routes need `Authorization: Bearer KEY`. A middleware
-    added last (so it runs first): an unauthenticated request is refused before its body
-    is even read."""
-    keys: list[bytes] = request.app.state.api_keys
-    if keys and request.url.path.startswith("/v1"):
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        # Compare against every key in constant time, so timing leaks nothing.
-        matches = [hmac.compare_digest(key.encode(), k) for k in keys]
-        if scheme.lower() != "bearer" or not any(matches):
-            return _unauthorized()
-    return await call_next(request)
+class _RequireApiKey:
+    """With API keys configured, /v1 routes need `Authorization: Bearer KEY`. Added last
+    (so it runs first): an unauthenticated request is refused before its body is read. A
+    pure ASGI middleware, like _BodyLimit: Starlette's `@app.middleware("http")` runs every
+    response through an extra task and stream."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        keys: list[bytes] = _state(scope).api_keys if scope["type"] == "http" else []
+        if keys and scope["path"].startswith("/v1"):
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, key = auth.partition(b" ")
+            # Compare against every key in constant time, so timing leaks nothing.
+            matches = [hmac.compare_digest(key, k) for k in keys]
+            if scheme.lower() != b"bearer" or not any(matches):
+                return await _unauthorized()(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+api.add_middleware(_RequireApiKey)
 
 
 def _unauthorized() -> JSONResponse:
@@ -165,7 +182,8 @@ class TextGenerator:
         torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
         self._loader, self._resolve = loader, resolve or (lambda uri: uri)
         self.max_tokens_limit = cfg.max_tokens_limit
-        api.state.api_keys = [k.encode() for k in cfg.api_keys]  # read by _require_api_key
+        # `api` here is the app Serve runs; the middlewares read these through the scope.
+        api.state.api_keys = [k.encode() for k in cfg.api_keys]
         api.state.max_body_bytes = cfg.max_body_bytes
         self._admit.set_max_batch_size(cfg.max_batch_size)
         self._admit.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
