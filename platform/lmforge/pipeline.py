@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,8 +34,28 @@ class Stages:
 def init_ray(**kwargs: Any) -> None:
     """Join the cluster this process was submitted to ($RAY_ADDRESS, as Ray Jobs set it), or
     start a private local one. Never attach to some other cluster by accident."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True, **kwargs)
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        _warn_if_another_cluster_runs()
+    ray.init(address=address, log_to_driver=True, **kwargs)
+
+
+def _warn_if_another_cluster_runs() -> None:
+    """With two Ray clusters on one machine, Ray 2.60 Train's placement-group cleaner asks
+    the state API without an address, fails ("multiple active Ray instances") and leaves
+    a finished trial's resources reserved: the next trial then waits for them forever."""
+    try:
+        others = sorted(ray._private.services.find_gcs_addresses())  # Ray's own `ps` scan
+    except Exception:  # a private helper: if it moved, go without the warning
+        return
+    if others:
+        print(f"[lmforge] warning: another Ray cluster runs on this machine ({', '.join(others)})."
+              " Ray Train cannot tell two local clusters apart when it cleans up after a "
+              "run, which can leave later trials waiting for resources. Stop it (`ray stop`)"
+              " or run on it (RAY_ADDRESS=... or `lmforge submit`).", file=sys.stderr,
+              flush=True)
 
 
 def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs"),

@@ -187,3 +187,23 @@ def test_explicit_auth_mode_is_kept(ray_env):
 
 def test_no_token_leaves_auth_mode_unset(ray_env):
     assert auth_mode_after(ray_env) == "unset"
+
+
+def test_starting_a_local_cluster_warns_when_another_one_runs(monkeypatch, capsys):
+    import ray
+
+    from lmforge import pipeline
+
+    started = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: started.append(kw["address"]))
+    monkeypatch.setattr(ray._private.services, "find_gcs_addresses",
+                        lambda: frozenset({"127.0.0.1:6379"}))
+    pipeline.init_ray()
+    assert started == ["local"]
+    assert "another Ray cluster runs on this machine (127.0.0.1:6379)" in capsys.readouterr().err
+    monkeypatch.setattr(ray._private.services, "find_gcs_addresses", lambda: frozenset())
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # joining a cluster: no warning
+    pipeline.init_ray()
+    assert started == ["local", "127.0.0.1:6379"] and capsys.readouterr().err == ""
