@@ -59,8 +59,10 @@ def test_concurrent_search_on_mlflow_server(ray_cluster, tiny_spec, tmp_path: Pa
         f"tracking.uri={mlflow_server}", "tracking.system_metrics_interval_s=1",
         # Two 1-worker trials side by side fill the 2-CPU cluster.
         "train.workers=1", "tune.max_concurrent_trials=2", "tune.num_trials=4",
-        # n_head=3 does not divide n_embd: those trials fail, the search goes on.
-        "tune.search_space.model.n_head={type: choice, values: [2, 3]}")
+        # n_head=3 does not divide n_embd: those trials fail, the search goes on. All four
+        # trials are TPE's seeded random start-up samples, and the fourth has n_head=3.
+        "tune.search_space.model.n_head={type: choice, values: [2, 3]}",
+        "tune.startup_trials=4")
     summary = execute(spec, Stages(search=True, register=True, serve_check=False),
                       runs_dir=tmp_path)
     assert summary["tracking_uri"] == mlflow_server
