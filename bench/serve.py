@@ -142,12 +142,18 @@ async def ttft(url: str, concurrency: int, total: int) -> dict[str, float]:
             "ttft_p99_s": pct(firsts, 0.99)}
 
 
-def in_process_p50(model_dir: Path, runs: int) -> float:
-    """The same model and decode loop called directly: one request, one thread."""
+def in_process_request(model_dir: Path):  # noqa: ANN201
+    """The served model, loaded in this process on one thread (the replica's count), and
+    the benchmark's request as GenerationParams."""
     torch.set_num_threads(1)
     loaded = no_eos(model_dir)(str(model_dir))
     ids = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    params = GenerationParams(prompt_ids=ids, max_tokens=NEW_TOKENS, temperature=0.8)
+    return loaded, GenerationParams(prompt_ids=ids, max_tokens=NEW_TOKENS, temperature=0.8)
+
+
+def in_process_p50(model_dir: Path, runs: int) -> float:
+    """The same model and decode loop called directly: one request, one thread."""
+    loaded, params = in_process_request(model_dir)
     times = []
     for _ in range(runs + 3):
         start = time.perf_counter()
@@ -159,10 +165,7 @@ def in_process_p50(model_dir: Path, runs: int) -> float:
 
 def engine_p50(model_dir: Path, concurrency: int, total: int) -> float:
     """p50 latency of `concurrency` closed-loop requests through the decode loop alone."""
-    torch.set_num_threads(1)
-    loaded = no_eos(model_dir)(str(model_dir))
-    ids = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    params = GenerationParams(prompt_ids=ids, max_tokens=NEW_TOKENS, temperature=0.8)
+    loaded, params = in_process_request(model_dir)
     latencies: list[float] = []
     remaining = total
 

@@ -142,7 +142,11 @@ class Engine:
             self._deliver([(s, e) for s in [*decoder.keys, *admit]])
             decoder.clear()
             return
-        self._deliver([(s, d) for s, d in ((s, s._add(d)) for s, d in deltas) if d is not None])
+        ready = []
+        for stream, delta in deltas:
+            if (due := stream._add(delta)) is not None:
+                ready.append((stream, due))
+        self._deliver(ready)
 
     def _deliver(self, items: list[tuple[Stream, Delta | BaseException]]) -> None:
         if items and not self._loop.is_closed():
