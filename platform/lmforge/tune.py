@@ -231,14 +231,42 @@ def resumable_name(spec: JobSpec, spec_stem: str) -> str:
     else the newest restorable search of this spec file under `tune.storage_path`."""
     root = Path(spec.tune.storage_path).resolve()
     name = spec.tracking.run_name or ""
-    if search_started(spec, name):
-        return name
-    found = sorted((p for p in root.glob(f"{spec_stem}-*") if search_started(spec, p.name)),
-                   key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise ResumeError(f"tune.storage_path {root}: no search named {name!r} or "
-                          f"{spec_stem}-* to resume; start one with `lmforge tune` first")
-    return found[-1].name
+    if not search_started(spec, name):
+        found = sorted((p for p in root.glob(f"{spec_stem}-*") if search_started(spec, p.name)),
+                       key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ResumeError(f"tune.storage_path {root}: no search named {name!r} or "
+                              f"{spec_stem}-* to resume; start one with `lmforge tune` first")
+        name = found[-1].name
+    _check_settings_unchanged(spec, name)
+    return name
+
+
+# What `Tuner.restore` brings back from the experiment, whatever the spec says now. The
+# rest of `tune` (enabled, storage_path, driver_cpus) is read afresh on a resume.
+_RESTORED = ("num_trials", "max_tokens", "time_budget_s", "max_concurrent_trials", "metric",
+             "multi_objective", "searcher", "scheduler", "search_space", "grace_period",
+             "reduction_factor", "startup_trials", "seed")
+
+
+def _search_settings(cfg: TuneConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json", include=set(_RESTORED))
+
+
+def _check_settings_unchanged(spec: JobSpec, name: str) -> None:
+    """A resumed search runs with the settings it started with (Tune restores its searcher,
+    scheduler, budget and trial count): refuse a spec that asks for others rather than
+    ignore it."""
+    started = resume_state(spec, name).get("tune")
+    if started is None:  # recorded by an older lmforge
+        return
+    now = _search_settings(spec.tune)
+    changed = [f"tune.{key}: {started.get(key)!r} when it started, {now[key]!r} now"
+               for key in _RESTORED if started.get(key) != now[key]]
+    if changed:
+        raise ResumeError(f"search {name!r} resumes with the settings it started with, and "
+                          f"the spec changes them ({'; '.join(changed)}). Resume without "
+                          "those changes, or start a new search (another tracking.run_name)")
 
 
 def resume_state(spec: JobSpec, name: str) -> dict[str, str]:
@@ -289,7 +317,7 @@ def run_search(spec: JobSpec, data: PreparedData, parent: RunTracker | None,
             path.mkdir(parents=True, exist_ok=True)
             (path / STATE_FILE).write_text(json.dumps({
                 "parent_run_id": parent.run_id, "experiment_id": experiment_id,
-                "tracking_uri": parent.uri}))
+                "tracking_uri": parent.uri, "tune": _search_settings(cfg)}))
     grid = tuner.fit()
     runs = trial_runs(parent) if parent is not None else {}
     trials = [_outcome(r, runs, spec.train.steps) for r in grid]

@@ -223,3 +223,26 @@ def test_study_marks_failed_trials_and_keeps_params():
     study = _study(trials, space, multi=False)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
     assert study.trials[0].params == {"train.lr": 2e-3} and study.best_value == 1.0
+
+
+def test_resume_refuses_search_settings_that_tune_restore_would_ignore(tmp_path):
+    """Tuner.restore brings back the searcher, scheduler, budget and trial count: a spec
+    changing them on --resume is refused naming each field, not silently overridden."""
+    def spec(**tune):
+        return spec_with(tune={"enabled": True, "storage_path": str(tmp_path),
+                               "search_space": SPACE, "max_tokens": 1000, **tune})
+
+    started = spec()
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / lmtune.STATE_FILE).write_text(json.dumps(
+        {"parent_run_id": "r", "tune": lmtune._search_settings(started.tune)}))
+    lmtune._check_settings_unchanged(started, "s")
+    # Read afresh on a resume, so free to change:
+    lmtune._check_settings_unchanged(spec(driver_cpus=0.5), "s")
+    with pytest.raises(lmtune.ResumeError) as e:
+        lmtune._check_settings_unchanged(spec(max_tokens=5000, num_trials=9), "s")
+    assert "tune.max_tokens: 1000 when it started, 5000 now" in str(e.value)
+    assert "tune.num_trials: 4 when it started, 9 now" in str(e.value)
+    # A state file from before the settings were recorded: nothing to compare.
+    (tmp_path / "s" / lmtune.STATE_FILE).write_text(json.dumps({"parent_run_id": "r"}))
+    lmtune._check_settings_unchanged(spec(max_tokens=5000), "s")
