@@ -92,7 +92,7 @@ def _steps_to_reach(curves: list[dict[str, Any]], target: float) -> int | None:
     return None
 
 
-def efficiency(trials: int, steps: int | None) -> dict[str, Any]:
+def efficiency(trials: int, steps: int | None, seed: int = 0) -> dict[str, Any]:
     """ASHA + TPE against random search without early stopping, equal trial count.
 
     A search knows which of its trials is best only when its last trial has ended, so
@@ -100,7 +100,7 @@ def efficiency(trials: int, steps: int | None) -> dict[str, Any]:
     ASHA + TPE's best at least as good as random search's with at most a third of its
     steps. Printed beside it, the oracle figure: the steps each had spent when an
     evaluation first reached random search's best, as if both knew to stop there."""
-    extra = [f"tune.num_trials={trials}", "tune.max_concurrent_trials=1"]
+    extra = [f"tune.num_trials={trials}", "tune.max_concurrent_trials=1", f"tune.seed={seed}"]
     if steps:  # a reduced size: rungs scale with it
         extra += [f"train.steps={steps}", f"train.eval_every={max(steps // 8, 1)}",
                   f"tune.grace_period={max(steps // 8, 1)}",
@@ -117,7 +117,7 @@ def efficiency(trials: int, steps: int | None) -> dict[str, Any]:
     ratio = asha_steps / rand_steps
     asha_reach, rand_reach = (_steps_to_reach(c, rand_best) for c in (asha_curves, rand_curves))
     return {"bench": "efficiency", "trials": trials, "steps_per_trial": steps or 2000,
-            "random_best_val_loss": rand_best, "random_steps": rand_steps,
+            "seed": seed, "random_best_val_loss": rand_best, "random_steps": rand_steps,
             "asha_tpe_best_val_loss": asha_best, "asha_tpe_steps": asha_steps,
             "ratio": round(ratio, 3),
             "target": "ASHA+TPE's best <= random's best, with <= 1/3 of random's steps",
@@ -173,12 +173,14 @@ def main() -> None:
                         help="efficiency: trials per search (default 12); overhead: K (6)")
     parser.add_argument("--steps", type=int, default=None,
                         help="steps per trial (efficiency default 2000, overhead 100)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="efficiency: tune.seed of both searches (their samplers)")
     parser.add_argument("overrides", nargs="*", help="quality: spec overrides, key.sub=value")
     args = parser.parse_args()
     if args.which == "quality":
         result = quality(args.overrides)
     elif args.which == "efficiency":
-        result = efficiency(args.trials or 12, args.steps)
+        result = efficiency(args.trials or 12, args.steps, args.seed)
     else:
         result = overhead(args.trials or 6, args.steps or 100)
     print(json.dumps(result), flush=True)
