@@ -331,6 +331,14 @@ class ServeConfig(Section):
     """End-to-end limit for one HTTP request, queueing included; past it the answer is 408."""
     max_body_bytes: int = Field(1_000_000, ge=1)
     """Largest request body accepted; a larger one gets 413."""
+    health_check_period_s: float = Field(10.0, gt=0)
+    """How often Serve checks each replica. A replica fails the check when its decode loop
+    died, a decode step has run over `stall_timeout_s`, or it does not answer within
+    `health_check_timeout_s`; after 3 failures in a row Serve replaces it."""
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    """How long a health check may take before it counts as failed."""
+    stall_timeout_s: float = Field(60.0, gt=0)
+    """Longest a single decode step may run before the replica reports itself stalled."""
     alias_poll_s: float = Field(10.0, ge=0)
     """Serving `models:/NAME@ALIAS`: how often each replica checks whether the alias
     moved, and if so loads the new version and sends new requests to it (requests already

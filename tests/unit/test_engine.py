@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -105,3 +106,50 @@ def test_a_stream_that_is_not_live_gets_one_delta_with_everything(loaded):
     assert len(deltas) == 1 and deltas[0].token_ids == whole.token_ids
     assert deltas[0].text == whole.text and deltas[0].finish_reason == whole.finish_reason
     assert quiet.first_token_at is not None
+
+
+class Stuck(torch.nn.Module):
+    """A model whose forward blocks until released: a hung decode step."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.release = inner, threading.Event()
+
+    def forward(self, **kwargs):  # noqa: ANN003, ANN201
+        self.release.wait()
+        return self.inner(**kwargs)
+
+
+def test_health_reports_a_stalled_step_and_recovers_when_it_ends(loaded):
+    stuck = Stuck(loaded.model)
+
+    async def main() -> tuple[str | None, str | None, str | None, list[int]]:
+        engine = Engine(max_rows=2)
+        idle = engine.health(stall_s=0.05)
+        stream = Stream(LoadedModel(stuck, loaded.tokenizer, "stuck"),
+                        params(loaded.tokenizer, "the", 3))
+        engine.submit([stream])
+        while engine._step_started is None:  # the decode thread is inside the step
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.1)
+        stalled = engine.health(stall_s=0.05)
+        patient = engine.health(stall_s=60)
+        stuck.release.set()
+        tokens = await collect(stream)
+        engine.close()
+        return idle, stalled, patient, tokens
+
+    idle, stalled, patient, tokens = asyncio.run(main())
+    assert idle is None and patient is None and len(tokens) == 3
+    assert stalled is not None and "decode step has run for" in stalled
+
+
+def test_health_reports_a_dead_decode_thread(loaded, monkeypatch):
+    async def main() -> str | None:
+        engine = Engine(max_rows=2)
+        monkeypatch.setattr(engine, "_admit", lambda: (_ for _ in ()).throw(SystemExit()))
+        engine.submit([Stream(loaded, params(loaded.tokenizer, "the", 3))])
+        engine._thread.join(5)  # SystemExit is not an Exception: the loop cannot catch it
+        return engine.health(stall_s=60)
+
+    assert asyncio.run(main()) == "the decode thread has died"

@@ -188,6 +188,7 @@ class TextGenerator:
         self._admit.set_max_batch_size(cfg.max_batch_size)
         self._admit.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._engine = Engine(max_rows=cfg.max_batch_size)
+        self._stall_s = cfg.stall_timeout_s
         self._pinned = self._resolve(model_uri)
         self.loaded = self._load(self._pinned)
         tags = ("model_version",)
@@ -229,6 +230,13 @@ class TextGenerator:
             except Exception:  # a registry hiccup must not stop serving the current model
                 log.exception("checking %s failed; still serving %s", model_uri,
                               self.loaded.name)
+
+    async def check_health(self) -> None:
+        """Serve calls this every `serve.health_check_period_s`; raising (or not answering
+        within `serve.health_check_timeout_s`, as when this event loop is stuck) marks the
+        replica unhealthy, and after 3 failures Serve replaces it."""
+        if (why := self._engine.health(self._stall_s)) is not None:
+            raise RuntimeError(f"replica unhealthy: {why}")
 
     def __del__(self) -> None:
         self._stop.set()
@@ -427,6 +435,8 @@ def build_app(loader: Callable[[str], LoadedModel], cfg: ServeConfig, model_uri:
                               "num_gpus": cfg.gpus_per_replica},
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
+        "health_check_period_s": cfg.health_check_period_s,
+        "health_check_timeout_s": cfg.health_check_timeout_s,
         "backpressure_config": BackpressureConfig(status_code=cfg.backpressure_status,
                                                   retry_after_s=cfg.retry_after_s),
     }

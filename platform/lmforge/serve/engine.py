@@ -78,6 +78,7 @@ class Engine:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._step_started: float | None = None  # perf_counter() while a step runs
 
     @property
     def running(self) -> int:
@@ -97,6 +98,16 @@ class Engine:
         self._closed = True
         self._wake.set()
 
+    def health(self, stall_s: float) -> str | None:
+        """(any thread) Why this engine cannot serve, or None: its thread died, or the step
+        running now started more than `stall_s` seconds ago."""
+        if self._thread is not None and not self._thread.is_alive() and not self._closed:
+            return "the decode thread has died"
+        started = self._step_started
+        if started is not None and (took := time.perf_counter() - started) > stall_s:
+            return f"a decode step has run for {took:.0f} s (stall limit {stall_s:g} s)"
+        return None
+
     # --- the decode thread -------------------------------------------------------------
 
     def _run(self) -> None:
@@ -105,6 +116,7 @@ class Engine:
                 self._wake.wait()
                 self._wake.clear()
                 continue
+            self._step_started = time.perf_counter()
             try:
                 admit = self._admit()
                 for key, decoder in list(self._decoders.items()):
@@ -117,6 +129,7 @@ class Engine:
                 self._deliver([(s, e) for d in self._decoders.values() for s in d.keys]
                               + [(s, e) for s in waiting])
                 self._decoders.clear()
+            self._step_started = None
 
     def _admit(self) -> dict[int, list[Stream]]:
         """Waiting streams that get a row now, in arrival order, by model version."""
