@@ -108,7 +108,7 @@ def main() -> None:
     rows = ROWS if args.rows == "all" else tuple(args.rows.split(","))
     if unknown := set(rows) - set(ROWS):
         parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
-    threads = int(load(SPEC).train.cpus_per_worker)
+    threads = load(SPEC).train.threads
 
     runs: dict[str, list[dict[str, float]]] = {row: [] for row in rows}
     for i in range(args.repeats):  # interleaved, so drift in the machine hits every row

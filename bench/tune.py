@@ -7,7 +7,10 @@
     .venv/bin/python bench/tune.py overhead     # K short trials at concurrency 2
 
 `efficiency` and `overhead` take --trials/--steps to run at a reduced size (say so when
-quoting the figures). Each prints one JSON line with our figure beside its baseline.
+quoting the figures). `efficiency` also takes --seed, --reduction-factor (ASHA's) and
+--random-from FILE, which reuses random search's side from an earlier run's output (it is
+deterministic for the same trials, steps and seed) so another ASHA setting costs only
+its own search. Each prints one JSON line with our figure beside its baseline.
 Run from the project root (the spec reads ../shared/data/tinyshakespeare.txt).
 """
 
@@ -80,19 +83,46 @@ def _trial_curves(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _steps_to_reach(curves: list[dict[str, Any]], target: float) -> int | None:
+def _steps_to_reach(histories: list[list[list[float]]], target: float) -> int | None:
     """Training steps the search spent (trials run one at a time, in order) until some
     evaluation first reached `target`; None if none did."""
     spent = 0
-    for trial in curves:
-        for step, loss in trial["history"]:
+    for history in histories:
+        for step, loss in history:
             if loss <= target + 1e-12:
-                return spent + step
-        spent += trial["history"][-1][0] if trial["history"] else 0
+                return int(spent + step)
+        spent += history[-1][0] if history else 0
     return None
 
 
-def efficiency(trials: int, steps: int | None, seed: int = 0) -> dict[str, Any]:
+def _searched(summary: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    histories = [[list(e) for e in t["history"]] for t in _trial_curves(summary)
+                 if t["history"]]
+    return {"best_val_loss": min(loss for h in histories for _, loss in h),
+            "steps": summary["trial_steps_total"], "wall_s": round(wall_s, 1),
+            "histories": histories}  # each trial's [step, val_loss] evaluations, in order
+
+
+def _earlier_random(path: Path, trials: int, steps: int, seed: int) -> dict[str, Any]:
+    """Random search's side from an earlier run's JSON line: it does not depend on the
+    scheduler, and training is deterministic, so the same trials, steps and seed give the
+    same search again. A line from before histories were kept has each trial's
+    [last step, best val_loss]: the oracle figure then counts to the end of that trial."""
+    old = json.loads(path.read_text().strip().splitlines()[-1])
+    if (old["trials"], old["steps_per_trial"], old.get("seed", 0)) != (trials, steps, seed):
+        sys.exit(f"{path}: a random search of {old['trials']} trials x "
+                 f"{old['steps_per_trial']} steps, seed {old.get('seed', 0)}; this run needs "
+                 f"{trials} x {steps}, seed {seed}")
+    if "random" in old:
+        return {**old["random"], "from": str(path)}
+    return {"best_val_loss": old["random_best_val_loss"], "steps": old["random_steps"],
+            "wall_s": old["wall_s"]["random"], "from": str(path),
+            "histories": [[[last, best]] for last, best in old["trials_random"]]}
+
+
+def efficiency(trials: int, steps: int | None, seed: int = 0,
+               reduction_factor: int | None = None,
+               random_from: Path | None = None) -> dict[str, Any]:
     """ASHA + TPE against random search without early stopping, equal trial count.
 
     A search knows which of its trials is best only when its last trial has ended, so
@@ -105,33 +135,28 @@ def efficiency(trials: int, steps: int | None, seed: int = 0) -> dict[str, Any]:
         extra += [f"train.steps={steps}", f"train.eval_every={max(steps // 8, 1)}",
                   f"tune.grace_period={max(steps // 8, 1)}",
                   f"train.warmup_steps={min(100, steps // 10)}"]
+    asha_extra = [f"tune.reduction_factor={reduction_factor}"] if reduction_factor else []
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp:
-        asha, asha_s = _search(extra + ["tune.searcher=tpe", "tune.scheduler=asha",
-                                        "tracking.run_name=asha-tpe"], Path(tmp) / "asha")
-        rand, rand_s = _search(extra + ["tune.searcher=random", "tune.scheduler=fifo",
-                                        "tracking.run_name=random"], Path(tmp) / "random")
-        asha_curves, rand_curves = _trial_curves(asha), _trial_curves(rand)
-    rand_best = min(loss for t in rand_curves for _, loss in t["history"])
-    asha_best = min(loss for t in asha_curves for _, loss in t["history"])
-    rand_steps, asha_steps = rand["trial_steps_total"], asha["trial_steps_total"]
-    ratio = asha_steps / rand_steps
-    asha_reach, rand_reach = (_steps_to_reach(c, rand_best) for c in (asha_curves, rand_curves))
+        asha = _searched(*_search(extra + asha_extra + [
+            "tune.searcher=tpe", "tune.scheduler=asha", "tracking.run_name=asha-tpe"],
+            Path(tmp) / "asha"))
+        if random_from is None:
+            random = _searched(*_search(extra + [
+                "tune.searcher=random", "tune.scheduler=fifo", "tracking.run_name=random"],
+                Path(tmp) / "random"))
+        else:
+            random = _earlier_random(random_from, trials, steps or 2000, seed)
+    ratio = asha["steps"] / random["steps"]
+    target = random["best_val_loss"]
     return {"bench": "efficiency", "trials": trials, "steps_per_trial": steps or 2000,
-            "seed": seed, "random_best_val_loss": rand_best, "random_steps": rand_steps,
-            "asha_tpe_best_val_loss": asha_best, "asha_tpe_steps": asha_steps,
+            "seed": seed, "reduction_factor": reduction_factor or "the spec's",
             "ratio": round(ratio, 3),
             "target": "ASHA+TPE's best <= random's best, with <= 1/3 of random's steps",
-            "met": asha_best <= rand_best + 1e-12 and ratio <= 1 / 3,
-            "oracle_steps_to_random_best": {"asha_tpe": asha_reach, "random": rand_reach},
-            "wall_s": {"asha_tpe": round(asha_s, 1), "random": round(rand_s, 1)},
-            # each trial in start order: [last step, its best val_loss]
-            "trials_asha_tpe": _trial_table(asha_curves),
-            "trials_random": _trial_table(rand_curves)}
-
-
-def _trial_table(curves: list[dict[str, Any]]) -> list[list[float]]:
-    return [[t["history"][-1][0], round(min(loss for _, loss in t["history"]), 4)]
-            for t in curves if t["history"]]
+            "met": asha["best_val_loss"] <= target + 1e-12 and ratio <= 1 / 3,
+            "oracle_steps_to_random_best": {
+                "asha_tpe": _steps_to_reach(asha["histories"], target),
+                "random": _steps_to_reach(random["histories"], target)},
+            "asha_tpe": asha, "random": random}
 
 
 def overhead(trials: int, steps: int) -> dict[str, Any]:
@@ -175,12 +200,18 @@ def main() -> None:
                         help="steps per trial (efficiency default 2000, overhead 100)")
     parser.add_argument("--seed", type=int, default=0,
                         help="efficiency: tune.seed of both searches (their samplers)")
+    parser.add_argument("--reduction-factor", type=int, default=None,
+                        help="efficiency: ASHA's reduction factor (default: the spec's)")
+    parser.add_argument("--random-from", type=Path, default=None,
+                        help="efficiency: take random search's side from an earlier run's "
+                             "output (same trials, steps and seed) instead of running it")
     parser.add_argument("overrides", nargs="*", help="quality: spec overrides, key.sub=value")
     args = parser.parse_args()
     if args.which == "quality":
         result = quality(args.overrides)
     elif args.which == "efficiency":
-        result = efficiency(args.trials or 12, args.steps, args.seed)
+        result = efficiency(args.trials or 12, args.steps, args.seed, args.reduction_factor,
+                            args.random_from)
     else:
         result = overhead(args.trials or 6, args.steps or 100)
     print(json.dumps(result), flush=True)

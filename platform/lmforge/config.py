@@ -8,6 +8,7 @@ path (`jobs/x.yaml: train.steps: Input should be greater than 0`).
 from __future__ import annotations
 
 import glob
+import math
 import os
 from datetime import datetime
 from pathlib import Path
@@ -106,7 +107,8 @@ class TrainConfig(Section):
     workers: int = Field(2, gt=0)
     """Ray Train workers (data-parallel ranks)."""
     cpus_per_worker: float = Field(1.0, gt=0)
-    """CPUs Ray reserves for each worker. Torch uses max(1, int(this)) threads."""
+    """CPUs Ray reserves for each worker. Torch uses this many threads, rounded (at least 1):
+    1.9 (with a trial driver's 0.1 on a 2-core machine) runs 2."""
     use_gpu: bool = False
     """One GPU per worker (NCCL) instead of CPU (gloo)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
@@ -190,6 +192,11 @@ class TrainConfig(Section):
     @property
     def checkpoint_interval(self) -> int:
         return self.checkpoint_every or self.eval_every
+
+    @property
+    def threads(self) -> int:
+        """Torch threads per worker: cpus_per_worker rounded half up, at least 1."""
+        return max(1, math.floor(self.cpus_per_worker + 0.5))
 
 
 class LogUniform(Section):

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from lmforge.cli import app
-from lmforge.config import JobSpec, SpecError, load, parse_overrides
+from lmforge.config import JobSpec, SpecError, TrainConfig, load, parse_overrides
 
 
 @pytest.fixture(autouse=True)
@@ -279,3 +279,9 @@ def test_api_keys_never_leave_the_spec_object(tmp_path):
     spec = load(None, ["serve.api_keys=[s3cret]"])
     assert spec.serve.api_keys == ["s3cret"]
     assert "s3cret" not in spec.model_dump_json() and "s3cret" not in repr(spec)
+
+
+@pytest.mark.parametrize("cpus,threads", [(0.5, 1), (0.9, 1), (1.0, 1), (1.5, 2), (1.9, 2),
+                                          (8, 8)])
+def test_worker_threads_round_the_reserved_cpus(cpus, threads):
+    assert TrainConfig(cpus_per_worker=cpus).threads == threads

@@ -65,7 +65,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     cfg = spec.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.set_num_threads(cfg.threads)
     device = ray.train.torch.get_device()
     par = Parallel(cfg, device)
     say(f"[lmforge] rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} "
