@@ -1,0 +1,102 @@
+"""A replica whose decode step hangs fails Serve's health check and is replaced.
+
+The tiny model blocks in its forward pass while a flag file exists, the way a wedged
+kernel or a deadlock would: the replica's event loop still answers, but `check_health`
+reports the stalled step, and Serve swaps in a new replica process.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cloudpickle
+import httpx
+import ray
+from ray import serve
+from ray.util.state import list_actors
+
+from lmforge.config import ServeConfig
+from lmforge.registry import LoadedModel
+from lmforge.serve import build_app, deploy
+
+from .conftest import free_port
+from .test_serve import tiny_model
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+APP = "test-serve-health"
+
+
+class Hangs:
+    """A model whose forward pass does not return while `flag` exists."""
+
+    def __init__(self, inner, flag: str) -> None:  # noqa: ANN001
+        self.inner, self.config, self.flag = inner, inner.config, flag
+
+    def parameters(self):  # noqa: ANN201
+        return self.inner.parameters()
+
+    def __call__(self, **kwargs):  # noqa: ANN003, ANN204
+        while os.path.exists(self.flag):
+            time.sleep(0.05)  # blocked, as long as the test wants
+        return self.inner(**kwargs)
+
+
+def hanging_model(uri: str, flag: str) -> LoadedModel:
+    loaded = tiny_model(uri)
+    return LoadedModel(Hangs(loaded.model, flag), loaded.tokenizer, loaded.name)
+
+
+def replica_pids() -> set[int]:
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                         filters=[("class_name", "=", f"ServeReplica:{APP}:TextGenerator"),
+                                  ("state", "=", "ALIVE")])
+    return {a.pid for a in actors}
+
+
+def running_replicas() -> int:
+    deployment = serve.status().applications[APP].deployments["TextGenerator"]
+    return sum(n for state, n in deployment.replica_states.items()
+               if getattr(state, "value", state) == "RUNNING")
+
+
+def test_a_replica_whose_decode_step_hangs_is_replaced(ray_cluster, tmp_path: Path):
+    flag = tmp_path / "hang"
+    cfg = ServeConfig(port=free_port(), max_tokens_limit=16, cpus_per_replica=0.5,
+                      health_check_period_s=0.5, health_check_timeout_s=5, stall_timeout_s=1)
+    loader = functools.partial(hanging_model, flag=str(flag))
+    url = deploy(build_app(loader, cfg, "hangs"), cfg, name=APP)
+    try:
+        (hung_pid,) = replica_pids()
+        flag.touch()
+        hung: list[int | str] = []
+
+        def send() -> None:
+            try:
+                r = httpx.post(f"{url}/v1/completions", timeout=120,
+                               json={"prompt": "the ", "max_tokens": 4})
+                hung.append(r.status_code)
+            except httpx.HTTPError as e:
+                hung.append(type(e).__name__)
+
+        stuck = threading.Thread(target=send)
+        stuck.start()  # its first decode step never ends while the flag exists
+        deadline = time.monotonic() + 60
+        while not (running_replicas() == 1 and (pids := replica_pids()) and
+                   hung_pid not in pids):
+            assert time.monotonic() < deadline, "the hung replica was not replaced in 60 s"
+            time.sleep(0.2)  # poll interval
+        flag.unlink()  # the new replica decodes normally
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "the ", "max_tokens": 4},
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        stuck.join(60)
+        assert not stuck.is_alive() and hung  # answered (an error) rather than left hanging
+    finally:
+        flag.unlink(missing_ok=True)
+        serve.shutdown()
