@@ -121,8 +121,8 @@ def _earlier_random(path: Path, trials: int, steps: int, seed: int) -> dict[str,
 
 
 def efficiency(trials: int, steps: int | None, seed: int = 0,
-               reduction_factor: int | None = None,
-               random_from: Path | None = None) -> dict[str, Any]:
+               reduction_factor: int | None = None, random_from: Path | None = None,
+               overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """ASHA + TPE against random search without early stopping, equal trial count.
 
     A search knows which of its trials is best only when its last trial has ended, so
@@ -130,7 +130,8 @@ def efficiency(trials: int, steps: int | None, seed: int = 0,
     ASHA + TPE's best at least as good as random search's with at most a third of its
     steps. Printed beside it, the oracle figure: the steps each had spent when an
     evaluation first reached random search's best, as if both knew to stop there."""
-    extra = [f"tune.num_trials={trials}", "tune.max_concurrent_trials=1", f"tune.seed={seed}"]
+    extra = [f"tune.num_trials={trials}", "tune.max_concurrent_trials=1", f"tune.seed={seed}",
+             *overrides]
     if steps:  # a reduced size: rungs scale with it
         extra += [f"train.steps={steps}", f"train.eval_every={max(steps // 8, 1)}",
                   f"tune.grace_period={max(steps // 8, 1)}",
@@ -150,6 +151,7 @@ def efficiency(trials: int, steps: int | None, seed: int = 0,
     target = random["best_val_loss"]
     return {"bench": "efficiency", "trials": trials, "steps_per_trial": steps or 2000,
             "seed": seed, "reduction_factor": reduction_factor or "the spec's",
+            "overrides": list(overrides),
             "ratio": round(ratio, 3),
             "target": "ASHA+TPE's best <= random's best, with <= 1/3 of random's steps",
             "met": asha["best_val_loss"] <= target + 1e-12 and ratio <= 1 / 3,
@@ -205,13 +207,14 @@ def main() -> None:
     parser.add_argument("--random-from", type=Path, default=None,
                         help="efficiency: take random search's side from an earlier run's "
                              "output (same trials, steps and seed) instead of running it")
-    parser.add_argument("overrides", nargs="*", help="quality: spec overrides, key.sub=value")
+    parser.add_argument("overrides", nargs="*",
+                        help="quality, efficiency (both searches): spec overrides, key=value")
     args = parser.parse_args()
     if args.which == "quality":
         result = quality(args.overrides)
     elif args.which == "efficiency":
         result = efficiency(args.trials or 12, args.steps, args.seed, args.reduction_factor,
-                            args.random_from)
+                            args.random_from, tuple(args.overrides))
     else:
         result = overhead(args.trials or 6, args.steps or 100)
     print(json.dumps(result), flush=True)
