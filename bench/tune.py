@@ -209,7 +209,7 @@ def main() -> None:
                              "output (same trials, steps and seed) instead of running it")
     parser.add_argument("overrides", nargs="*",
                         help="quality, efficiency (both searches): spec overrides, key=value")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     if args.which == "quality":
         result = quality(args.overrides)
     elif args.which == "efficiency":
