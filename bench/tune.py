@@ -115,7 +115,8 @@ def _earlier_random(path: Path, trials: int, steps: int, seed: int) -> dict[str,
                  f"{trials} x {steps}, seed {seed}")
     if "random" in old:
         return {**old["random"], "from": str(path)}
-    return {"best_val_loss": old["random_best_val_loss"], "steps": old["random_steps"],
+    return {"best_val_loss": old["random_best_val_loss"],  # keys of the first version
+            "steps": old.get("random_steps", old.get("random_total_steps")),
             "wall_s": old["wall_s"]["random"], "from": str(path),
             "histories": [[[last, best]] for last, best in old["trials_random"]]}
 
