@@ -116,7 +116,7 @@ def _earlier_random(path: Path, trials: int, steps: int, seed: int) -> dict[str,
     if "random" in old:
         return {**old["random"], "from": str(path)}
     return {"best_val_loss": old["random_best_val_loss"],  # keys of the first version
-            "steps": old.get("random_steps", old.get("random_total_steps")),
+            "steps": old["random_total_steps"],
             "wall_s": old["wall_s"]["random"], "from": str(path),
             "histories": [[[last, best]] for last, best in old["trials_random"]]}
 

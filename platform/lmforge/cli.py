@@ -60,13 +60,16 @@ def _finish(summary: dict[str, Any]) -> None:
 def _execute(spec: JobSpec, search: bool, register: bool, serve_check: bool,
              resume: bool = False) -> None:
     from lmforge.pipeline import Stages, execute
-    from lmforge.train import RunExists
+    from lmforge.train import ResumeError, RunExists
 
     try:
         summary = execute(spec, Stages(search=search, register=register,
                                        serve_check=serve_check), resume=resume)
     except RunExists as e:
         err.print(f"[bold red]run exists[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    except ResumeError as e:
+        err.print(f"[bold red]cannot resume[/] {e}", highlight=False)
         raise typer.Exit(2) from None
     if register:
         err.print(f"Registered {summary['model_uri']} (version {summary['registered_version']})."
@@ -94,14 +97,13 @@ Resume = Annotated[bool, typer.Option(
 def _resume_name(job: JobSpec, spec: Path, search: bool) -> str:
     """The run `--resume` continues, or exit 2 saying there is none."""
     from lmforge.train import ResumeError, resumable_run
-    from lmforge.tune import ResumeError as SearchResumeError
     from lmforge.tune import resumable_name
 
     try:
         if search:
             return resumable_name(job, spec.stem)
         return resumable_run(job.train.storage_path, job.tracking.run_name, spec.stem)
-    except (ResumeError, SearchResumeError) as e:
+    except ResumeError as e:
         err.print(f"[bold red]cannot resume[/] {e}", highlight=False)
         raise typer.Exit(2) from None
 

@@ -72,6 +72,10 @@ def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs"),
             raise RunExists(f"run {run_name!r} already exists under train.storage_path "
                             f"({spec.train.storage_path}); pass --resume to continue it, or "
                             "set another tracking.run_name")
+    if stages.search and resume:
+        from lmforge.tune import check_settings_unchanged
+
+        check_settings_unchanged(spec, run_name)  # before anything is started
     run_dir.mkdir(parents=True, exist_ok=True)
 
     data = prepare_data(spec.data, spec.tokenizer, spec.model.block_size)

@@ -28,7 +28,7 @@ from lmforge.config import Choice, IntRange, JobSpec, LogUniform, SearchDim, Tun
 from lmforge.data import PreparedData
 from lmforge.storage import require_shared
 from lmforge.tracking import PARENT_TAG, RunTracker
-from lmforge.train import run_exists, run_training
+from lmforge.train import ResumeError, run_exists, run_training
 
 STATE_FILE = "lmforge_search.json"
 """Written into the Tune experiment directory: the MLflow parent run a resume continues."""
@@ -36,10 +36,6 @@ STATE_FILE = "lmforge_search.json"
 
 class ResourceError(RuntimeError):
     """The cluster can never run one trial; raised before any trial starts."""
-
-
-class ResumeError(RuntimeError):
-    """`--resume` found no search to continue."""
 
 
 def search_space(space: dict[str, SearchDim]) -> dict[str, Any]:
@@ -238,7 +234,6 @@ def resumable_name(spec: JobSpec, spec_stem: str) -> str:
             raise ResumeError(f"tune.storage_path {root}: no search named {name!r} or "
                               f"{spec_stem}-* to resume; start one with `lmforge tune` first")
         name = found[-1].name
-    _check_settings_unchanged(spec, name)
     return name
 
 
@@ -253,12 +248,13 @@ def _search_settings(cfg: TuneConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json", include=set(_RESTORED))
 
 
-def _check_settings_unchanged(spec: JobSpec, name: str) -> None:
+def check_settings_unchanged(spec: JobSpec, name: str) -> None:
     """A resumed search runs with the settings it started with (Tune restores its searcher,
     scheduler, budget and trial count): refuse a spec that asks for others rather than
     ignore it."""
-    started = resume_state(spec, name).get("tune")
-    if started is None:  # recorded by an older lmforge
+    state = experiment_dir(spec, name) / STATE_FILE
+    started = json.loads(state.read_text()).get("tune") if state.exists() else None
+    if started is None:  # no state of ours (tracking off), or recorded by an older lmforge
         return
     now = _search_settings(spec.tune)
     changed = [f"tune.{key}: {started.get(key)!r} when it started, {now[key]!r} now"
@@ -269,7 +265,7 @@ def _check_settings_unchanged(spec: JobSpec, name: str) -> None:
                           "those changes, or start a new search (another tracking.run_name)")
 
 
-def resume_state(spec: JobSpec, name: str) -> dict[str, str]:
+def resume_state(spec: JobSpec, name: str) -> dict[str, Any]:
     """Parent run id, experiment id and tracking URI recorded when the search started."""
     return json.loads((experiment_dir(spec, name) / STATE_FILE).read_text())
 

@@ -236,13 +236,23 @@ def test_resume_refuses_search_settings_that_tune_restore_would_ignore(tmp_path)
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / lmtune.STATE_FILE).write_text(json.dumps(
         {"parent_run_id": "r", "tune": lmtune._search_settings(started.tune)}))
-    lmtune._check_settings_unchanged(started, "s")
+    lmtune.check_settings_unchanged(started, "s")
     # Read afresh on a resume, so free to change:
-    lmtune._check_settings_unchanged(spec(driver_cpus=0.5), "s")
+    lmtune.check_settings_unchanged(spec(driver_cpus=0.5), "s")
     with pytest.raises(lmtune.ResumeError) as e:
-        lmtune._check_settings_unchanged(spec(max_tokens=5000, num_trials=9), "s")
+        lmtune.check_settings_unchanged(spec(max_tokens=5000, num_trials=9), "s")
     assert "tune.max_tokens: 1000 when it started, 5000 now" in str(e.value)
     assert "tune.num_trials: 4 when it started, 9 now" in str(e.value)
+    # `lmforge tune --resume` (and `run --resume`, and a resubmitted job) go through
+    # execute, which refuses before anything is started.
+    from lmforge.pipeline import Stages, execute
+
+    changed = spec(max_tokens=5000)
+    changed.tracking.run_name = "s"
+    with pytest.raises(lmtune.ResumeError, match="tune.max_tokens: 1000 when it started"):
+        execute(changed, Stages(search=True, register=False, serve_check=False),
+                runs_dir=tmp_path / "runs", resume=True)
+    assert not (tmp_path / "runs").exists()
     # A state file from before the settings were recorded: nothing to compare.
     (tmp_path / "s" / lmtune.STATE_FILE).write_text(json.dumps({"parent_run_id": "r"}))
-    lmtune._check_settings_unchanged(spec(max_tokens=5000), "s")
+    lmtune.check_settings_unchanged(spec(max_tokens=5000), "s")

@@ -27,7 +27,8 @@ class RunExists(RuntimeError):
 
 
 class ResumeError(RuntimeError):
-    """`--resume` found no run to continue."""
+    """`--resume` cannot continue: no run or search to continue, or one that the spec
+    contradicts."""
 
 
 @dataclass(frozen=True)
