@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from lmforge.data import PreparedData
 from lmforge.storage import require_shared
 from lmforge.tracking import PARENT_TAG, RunTracker
 from lmforge.train import ResumeError, run_exists, run_training
+from lmforge.tune_snapshot import StateSnapshots, repair
 
 STATE_FILE = "lmforge_search.json"
 """Written into the Tune experiment directory: the MLflow parent run a resume continues."""
@@ -287,6 +289,10 @@ def run_search(spec: JobSpec, data: PreparedData, parent: RunTracker | None,
     if resume:
         if not tune.Tuner.can_restore(str(path)):
             raise ResumeError(f"{path}: no Ray Tune experiment state to resume")
+        if damaged := repair(path):
+            print(f"[lmforge] {', '.join(damaged)} in {path} was cut short (the driver was "
+                  "killed while writing it); resuming from the last intact copy of the "
+                  "search's state", file=sys.stderr, flush=True)
         if parent is not None:
             close_orphaned_trials(parent)
         # Finished and errored trials keep their results; the searcher keeps its history
@@ -307,7 +313,7 @@ def run_search(spec: JobSpec, data: PreparedData, parent: RunTracker | None,
                 time_budget_s=cfg.time_budget_s,
             ),
             run_config=tune.RunConfig(name=name, storage_path=str(path.parent), stop=stop,
-                                      verbose=1),
+                                      callbacks=[StateSnapshots()], verbose=1),
         )
         if parent is not None:
             path.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""`lmforge tune` killed while its second trial runs; the resumed search does not rerun the
+"""`lmforge tune` killed while its second trial runs, its Tune state left cut short; the
+resumed search goes on from lmforge's last intact copy of that state, does not rerun the
 finished trial, continues the interrupted one from its checkpoint, samples only what is
 left of `tune.num_trials`, stays under one parent run, and keeps counting `tune.max_tokens`
 from where the killed driver left it.
@@ -18,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from lmforge.pipeline import Stages, execute
 from lmforge.tracking import RunTracker
 from lmforge.tune import resumable_name, trial_runs
+from lmforge.tune_snapshot import latest_snapshot
 
 from .conftest import SPEC
 
@@ -57,6 +59,13 @@ def test_resume_after_killed_driver(ray_cluster, tiny_spec, tmp_path: Path):
         except ProcessLookupError:
             pass
 
+    # Tune writes its experiment state in place, rewritten every loop here: a kill can
+    # land mid-write, and CI once saw it leave the file empty. Make that happen every time:
+    # the resume must go on from lmforge's last intact snapshot of Tune's state.
+    (state,) = experiment.glob("experiment_state-*.json")
+    assert latest_snapshot(experiment) is not None
+    state.write_bytes(b"")
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = tiny_spec(*overrides[4:])
     assert resumable_name(spec, "tiny") == "resumable"
@@ -95,3 +104,6 @@ def test_resume_after_killed_driver(ray_cluster, tiny_spec, tmp_path: Path):
     evaluated = [m.step for m in client.get_metric_history(continued.info.run_id, "val_loss")]
     assert min(evaluated) > steps_per_report, evaluated
     assert client.get_run(parent_id).info.status == "FINISHED"
+    assert state.read_bytes()  # Tune's state is whole again, and the cut copy kept aside
+    kept = experiment.glob(f".lmforge-state/damaged-*/{state.name}")
+    assert [f.stat().st_size for f in kept] == [0]
