@@ -78,6 +78,7 @@ def _trial_curves(summary: dict[str, Any]) -> list[dict[str, Any]]:
         history = sorted((m.step, m.value)
                          for m in client.get_metric_history(run.info.run_id, "val_loss"))
         out.append({"status": run.info.status, "history": history,
+                    "config": {k: run.data.params.get(k) for k in summary["best_config"]},
                     "seconds": ((run.info.end_time or run.info.start_time)
                                 - run.info.start_time) / 1000})
     return out
@@ -96,11 +97,12 @@ def _steps_to_reach(histories: list[list[list[float]]], target: float) -> int | 
 
 
 def _searched(summary: dict[str, Any], wall_s: float) -> dict[str, Any]:
-    histories = [[list(e) for e in t["history"]] for t in _trial_curves(summary)
-                 if t["history"]]
+    curves = [t for t in _trial_curves(summary) if t["history"]]
+    histories = [[list(e) for e in t["history"]] for t in curves]
     return {"best_val_loss": min(loss for h in histories for _, loss in h),
             "steps": summary["trial_steps_total"], "wall_s": round(wall_s, 1),
-            "histories": histories}  # each trial's [step, val_loss] evaluations, in order
+            "histories": histories,  # each trial's [step, val_loss] evaluations, in order
+            "configs": [t["config"] for t in curves]}  # and its sampled values
 
 
 def _earlier_random(path: Path, trials: int, steps: int, seed: int) -> dict[str, Any]:
