@@ -96,6 +96,25 @@ def _steps_to_reach(histories: list[list[list[float]]], target: float) -> int | 
     return None
 
 
+def _rank_signal(histories: list[list[list[float]]]) -> dict[int, float]:
+    """ASHA's premise, measured on random search's trials (all run to the end): the rank
+    correlation (Spearman's) between each evaluation step's val loss and the final one.
+    Near 1, a rung at that step keeps the trials that end best; near 0 or below, it stops
+    trials at random or worse."""
+    import numpy as np
+
+    full = [h for h in histories if len(h) > 1 and h[-1][0] == histories[0][-1][0]]
+    if len(full) < 3:
+        return {}
+    finals = np.array([h[-1][1] for h in full])
+    out = {}
+    for i, (step, _) in enumerate(full[0][:-1]):
+        at = np.array([h[i][1] for h in full])
+        ranks = [np.argsort(np.argsort(v)) for v in (at, finals)]  # float losses: no ties
+        out[int(step)] = round(float(np.corrcoef(*ranks)[0, 1]), 3)
+    return out
+
+
 def _searched(summary: dict[str, Any], wall_s: float) -> dict[str, Any]:
     curves = [t for t in _trial_curves(summary) if t["history"]]
     histories = [[list(e) for e in t["history"]] for t in curves]
@@ -158,6 +177,7 @@ def efficiency(trials: int, steps: int | None, seed: int = 0,
             "ratio": round(ratio, 3),
             "target": "ASHA+TPE's best <= random's best, with <= 1/3 of random's steps",
             "met": asha["best_val_loss"] <= target + 1e-12 and ratio <= 1 / 3,
+            "rank_correlation_with_final": _rank_signal(random["histories"]),
             "oracle_steps_to_random_best": {
                 "asha_tpe": _steps_to_reach(asha["histories"], target),
                 "random": _steps_to_reach(random["histories"], target)},
