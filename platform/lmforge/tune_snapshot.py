@@ -89,8 +89,8 @@ def take_snapshot(path: Path) -> bool:
     for name, data in contents.items():  # the bytes checked above, not a second read
         (new / name).write_bytes(data)
     _write_atomic(root / "LATEST", new.name.encode())
-    for old in root.iterdir():
-        if old.is_dir() and old != new:
+    for old in root.iterdir():  # older snapshots; a damaged set put aside stays
+        if old.name.isdigit() and old != new:
             shutil.rmtree(old, ignore_errors=True)
     return True
 
@@ -113,9 +113,15 @@ def repair(path: Path) -> list[str]:
     aside = path / SNAPSHOT_DIR / f"damaged-{time.time_ns()}"
     aside.mkdir(parents=True)
     for f in files:
-        f.rename(aside / f.name)
-    for f in snapshot.iterdir():
-        shutil.copy2(f, path / f.name)
+        shutil.copy2(f, aside / f.name)
+    # File by file atomically, so a kill during the repair leaves each file whole or still
+    # damaged, and the next --resume repairs again.
+    restored = {f.name: f.read_bytes() for f in snapshot.iterdir()}
+    for name, data in restored.items():
+        _write_atomic(path / name, data)
+    for f in files:
+        if f.name not in restored:  # newer than the snapshot; its copy is aside
+            f.unlink()
     return damaged
 
 
@@ -135,7 +141,8 @@ class StateSnapshots(tune.Callback):
         if not path.is_absolute():  # remote storage (s3://...): Tune's files are not here
             return
         try:
-            seen = [(f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in state_files(path)]
+            seen = [(f.name, f.stat()) for f in state_files(path)]
+            seen = [(name, st.st_mtime_ns, st.st_size) for name, st in seen]
             if seen != self._seen and take_snapshot(path):
                 self._seen = seen
         except OSError as e:  # a full disk, say: the search goes on, with an older snapshot

@@ -73,6 +73,21 @@ def test_snapshot_then_repair_puts_the_cut_file_back(tmp_path: Path):
     (aside,) = (exp / SNAPSHOT_DIR).glob("damaged-*")
     assert (aside / STATE).read_bytes() == before[STATE][: len(before[STATE]) // 2]
     assert repair(exp) == []  # whole again
+    # The search goes on and snapshots again: older snapshots go, the damaged set stays.
+    (exp / STATE).write_text(json.dumps({"trial_data": []}))
+    assert take_snapshot(exp) and latest_snapshot(exp) != snapshot
+    assert not snapshot.exists() and aside.exists()
+
+
+def test_repair_drops_files_newer_than_the_snapshot(tmp_path: Path):
+    exp = tune_dir(tmp_path / "search")
+    assert take_snapshot(exp)
+    newer = exp / "experiment_state-2026-11-26_11-00-00.json"  # a resumed session's
+    newer.write_text('{"trial_da')
+    assert repair(exp) == [newer.name]
+    assert not newer.exists()
+    (aside,) = (exp / SNAPSHOT_DIR).glob("damaged-*")
+    assert (aside / newer.name).read_text() == '{"trial_da'
 
 
 def test_a_snapshot_is_never_taken_of_a_file_being_written(tmp_path: Path):
