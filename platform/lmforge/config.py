@@ -256,7 +256,10 @@ class TuneConfig(Section):
     """Dotted spec path (e.g. `train.lr`) to a distribution:
     `{type: loguniform|uniform, low, high}`, `{type: int, low, high}`, `{type: choice, values}`."""
     grace_period: int = Field(50, gt=0)
-    """ASHA: steps every trial runs before it can be stopped."""
+    """ASHA: steps every trial runs before it can be stopped. Too early and the first rung
+    ranks trials unlike their end (short-horizon bias: a high learning rate is behind early
+    and ahead at the end); `bench/tune.py efficiency` prints how each step's ranking agrees
+    with the final one."""
     reduction_factor: int = Field(2, ge=2)
     """ASHA: keep the top 1/reduction_factor of trials at each rung."""
     startup_trials: int | None = Field(None, ge=1)
