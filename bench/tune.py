@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,8 +102,6 @@ def _rank_signal(histories: list[list[list[float]]]) -> dict[int, float]:
     correlation (Spearman's) between each evaluation step's val loss and the final one.
     Near 1, a rung at that step keeps the trials that end best; near 0 or below, it stops
     trials at random or worse."""
-    import numpy as np
-
     full = [h for h in histories if len(h) > 1 and h[-1][0] == histories[0][-1][0]]
     if len(full) < 3:
         return {}

@@ -26,6 +26,7 @@ import pickletools
 import shutil
 import sys
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,10 @@ _PATTERNS = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-sta
 
 
 def state_files(path: Path) -> list[Path]:
-    """Tune's files that `Tuner.restore` reads, in the experiment directory `path`."""
-    return sorted({f for pattern in _PATTERNS for f in path.glob(pattern) if f.is_file()})
+    """Tune's files that `Tuner.restore` reads, in the experiment directory `path`: one
+    listing of it (the callback runs this every step of Tune's loop)."""
+    return sorted(f for f in path.iterdir()
+                  if any(fnmatch(f.name, p) for p in _PATTERNS) and f.is_file())
 
 
 def intact(data: bytes) -> bool:
