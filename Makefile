@@ -26,11 +26,11 @@ test-unit: install
 test-integration: install
 	$(BIN)/python -m pytest tests/integration
 
-bench: install  ## training throughput against a bare PyTorch loop (see bench/README)
+bench: install  ## training throughput against a bare PyTorch loop (the others: see bench/README.md)
 	$(BIN)/python bench/train.py
 
-docs: install  ## regenerate the spec reference tables in README.md from config.py
-	$(BIN)/python -c "from pathlib import Path; from lmforge.config import with_spec_reference as w; p = Path('README.md'); p.write_text(w(p.read_text()))"
+docs: install  ## regenerate the spec reference tables in docs/reference.md from config.py
+	$(BIN)/python -c "from pathlib import Path; from lmforge.config import with_spec_reference as w; p = Path('docs/reference.md'); p.write_text(w(p.read_text()))"
 
 lint: install
 	$(BIN)/ruff check platform tests bench
