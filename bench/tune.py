@@ -23,10 +23,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from mlflow.tracking import MlflowClient
+
+if TYPE_CHECKING:
+    from lmforge.pipeline import Summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "jobs" / "bench" / "tune_shakespeare_char.yaml"
@@ -54,8 +57,9 @@ def quality(overrides: list[str]) -> dict[str, Any]:
 
 def _search(overrides: list[str], runs: Path) -> tuple[dict[str, Any], float]:
     """One search in this process (lmforge's library), returning its summary and wall s."""
+    from lmforge.cluster import init_ray
     from lmforge.config import load
-    from lmforge.pipeline import Stages, execute, init_ray
+    from lmforge.pipeline import Stages, execute
 
     spec = load(SPEC, [f"data.cache_dir={ROOT / 'runs' / 'cache'}",
                        f"train.storage_path={runs / 'ray'}", f"tune.storage_path={runs / 'ray'}",
@@ -68,10 +72,10 @@ def _search(overrides: list[str], runs: Path) -> tuple[dict[str, Any], float]:
     return summary, time.perf_counter() - start
 
 
-def _trial_curves(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def _trial_curves(summary: Summary) -> list[dict[str, Any]]:
     """Each trial's run, in start order: duration and its (step, val_loss) history."""
-    client = MlflowClient(summary["tracking_uri"])
-    parent = client.get_run(summary["mlflow_run_id"])
+    client = MlflowClient(summary.tracking_uri)
+    parent = client.get_run(summary.mlflow_run_id)
     runs = client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     out = []
@@ -79,7 +83,7 @@ def _trial_curves(summary: dict[str, Any]) -> list[dict[str, Any]]:
         history = sorted((m.step, m.value)
                          for m in client.get_metric_history(run.info.run_id, "val_loss"))
         out.append({"status": run.info.status, "history": history,
-                    "config": {k: run.data.params.get(k) for k in summary["best_config"]},
+                    "config": {k: run.data.params.get(k) for k in summary.best_config},
                     "seconds": ((run.info.end_time or run.info.start_time)
                                 - run.info.start_time) / 1000})
     return out
@@ -114,11 +118,11 @@ def _rank_signal(histories: list[list[list[float]]]) -> dict[int, float]:
     return out
 
 
-def _searched(summary: dict[str, Any], wall_s: float) -> dict[str, Any]:
+def _searched(summary: Summary, wall_s: float) -> dict[str, Any]:
     curves = [t for t in _trial_curves(summary) if t["history"]]
     histories = [[list(e) for e in t["history"]] for t in curves]
     return {"best_val_loss": min(loss for h in histories for _, loss in h),
-            "steps": summary["trial_steps_total"], "wall_s": round(wall_s, 1),
+            "steps": summary.trial_steps_total, "wall_s": round(wall_s, 1),
             "histories": histories,  # each trial's [step, val_loss] evaluations, in order
             "configs": [t["config"] for t in curves]}  # and its sampled values
 
@@ -193,8 +197,8 @@ def overhead(trials: int, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp:
         summary, _ = _search(extra + ["tracking.run_name=overhead"], Path(tmp))
         curves = _trial_curves(summary)
-        client = MlflowClient(summary["tracking_uri"])
-        parent_start = client.get_run(summary["mlflow_run_id"]).info.start_time
+        client = MlflowClient(summary.tracking_uri)
+        parent_start = client.get_run(summary.mlflow_run_id).info.start_time
         search_s = (max(_ends(summary)) - parent_start) / 1000
     # The search's wall time runs from the parent run's start (data already prepared) to
     # its last trial's end (before plots and the summary); a trial's own time is its run's.
@@ -207,8 +211,8 @@ def overhead(trials: int, steps: int) -> dict[str, Any]:
 
 
 def _ends(summary: dict[str, Any]) -> list[int]:
-    client = MlflowClient(summary["tracking_uri"])
-    parent = client.get_run(summary["mlflow_run_id"])
+    client = MlflowClient(summary.tracking_uri)
+    parent = client.get_run(summary.mlflow_run_id)
     runs = client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     return [r.info.end_time for r in runs if r.info.end_time]

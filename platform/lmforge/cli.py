@@ -12,12 +12,13 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from lmforge.config import JobSpec, SpecError, load, resolve_tracking_uri
+from lmforge.config import JobSpec, SpecError, default_run_name, load, resolve_tracking_uri
+from lmforge.runs import NamedRun, ResumeError, RunExists, resume_target
 
 app = typer.Typer(
     help="Train, tune, track and serve language models on Ray from one YAML job spec.",
@@ -38,29 +39,20 @@ Address = Annotated[str, typer.Option(
     help="Ray dashboard address of the cluster, e.g. http://127.0.0.1:8265.")]
 
 
-def _load(spec: Path | None, overrides: list[str] | None) -> JobSpec:
+def _load(spec: Path | None, overrides: list[str] | None, name_run: bool = True) -> JobSpec:
     """Validate before anything heavy starts; a bad spec exits 2 with file and field named."""
     try:
-        job = load(spec, overrides or [])
+        return load(spec, overrides or [], name_run=name_run)
     except SpecError as e:
         err.print(f"[bold red]invalid spec[/] {e}", highlight=False, markup=True)
         raise typer.Exit(2) from None
-    # Secrets from the environment, so they need not sit in a spec file or a command line.
-    job.serve.api_keys += [k for k in os.environ.get("LMFORGE_API_KEYS", "").split(",") if k]
-    return job
-
-
-def _finish(summary: dict[str, Any]) -> None:
-    import ray
-
-    ray.shutdown()  # before the summary, so it stays the last line on stdout
-    print(json.dumps(summary, default=str), flush=True)
 
 
 def _execute(spec: JobSpec, search: bool, register: bool, serve_check: bool,
              resume: bool = False) -> None:
+    import ray
+
     from lmforge.pipeline import Stages, execute
-    from lmforge.train import ResumeError, RunExists
 
     try:
         summary = execute(spec, Stages(search=search, register=register,
@@ -72,9 +64,10 @@ def _execute(spec: JobSpec, search: bool, register: bool, serve_check: bool,
         err.print(f"[bold red]cannot resume[/] {e}", highlight=False)
         raise typer.Exit(2) from None
     if register:
-        err.print(f"Registered {summary['model_uri']} (version {summary['registered_version']})."
-                  f" Keep an endpoint up with: [bold]lmforge serve {summary['model_uri']}[/]")
-    _finish(summary)
+        err.print(f"Registered {summary.model_uri} (version {summary.registered_version})."
+                  f" Keep an endpoint up with: [bold]lmforge serve {summary.model_uri}[/]")
+    ray.shutdown()  # before the summary, so it stays the last line on stdout
+    print(json.dumps(summary.to_dict(), default=str), flush=True)
 
 
 @app.command()
@@ -94,29 +87,15 @@ Resume = Annotated[bool, typer.Option(
     "run); a search keeps its finished trials and the searcher's history.")]
 
 
-def _resume_name(job: JobSpec, spec: Path, search: bool) -> str:
-    """The run `--resume` continues, or exit 2 saying there is none."""
-    from lmforge.train import ResumeError, resumable_run
-    from lmforge.tune import resumable_name
-
+def _resume(job: JobSpec, spec: Path, search: bool) -> None:
+    """Point tracking.run_name at the run `--resume` continues, or exit 2 saying there is
+    none (`lmforge.runs.resume_target`: the one rule for train and search alike)."""
     try:
-        if search:
-            return resumable_name(job, spec.stem)
-        return resumable_run(job.train.storage_path, job.tracking.run_name, spec.stem)
+        job.tracking.run_name = resume_target(job, search, spec.stem).name
     except ResumeError as e:
         err.print(f"[bold red]cannot resume[/] {e}", highlight=False)
         raise typer.Exit(2) from None
-
-
-def _started(job: JobSpec) -> bool:
-    """Whether tracking.run_name's run (a search when tune.enabled) left state to resume."""
-    from lmforge.train import run_started
-    from lmforge.tune import search_started
-
-    name = job.tracking.run_name or ""
-    if job.tune.enabled:
-        return search_started(job, name)
-    return run_started(job.train.storage_path, name)
+    err.print(f"Resuming {'search' if search else 'run'} [bold]{job.tracking.run_name}[/]")
 
 
 @app.command()
@@ -135,12 +114,11 @@ def run(
     """
     job = _load(spec, overrides)
     if resume_if_started and not resume:
-        resume = _started(job)
+        resume = NamedRun.of(job, search=job.tune.enabled).started()
         if not resume:
             err.print(f"Run [bold]{job.tracking.run_name}[/] never started: starting it")
     if resume:
-        job.tracking.run_name = _resume_name(job, spec, search=job.tune.enabled)
-        err.print(f"Resuming [bold]{job.tracking.run_name}[/]")
+        _resume(job, spec, search=job.tune.enabled)
     _execute(job, search=job.tune.enabled, register=job.registry.enabled,
              serve_check=job.registry.enabled and job.serve.enabled, resume=resume)
 
@@ -150,8 +128,7 @@ def train(spec: SpecArg, overrides: Overrides = None, resume: Resume = False) ->
     """Data and one distributed training run (registered when registry.enabled)."""
     job = _load(spec, overrides)
     if resume:
-        job.tracking.run_name = _resume_name(job, spec, search=False)
-        err.print(f"Resuming run [bold]{job.tracking.run_name}[/]")
+        _resume(job, spec, search=False)
     _execute(job, search=False, register=job.registry.enabled, serve_check=False,
              resume=resume)
 
@@ -169,14 +146,7 @@ def tune(
     `candidate` and runs the promotion gate."""
     job = _load(spec, overrides)
     if resume:
-        from lmforge.tune import ResumeError, resumable_name
-
-        try:
-            job.tracking.run_name = resumable_name(job, spec.stem)
-        except ResumeError as e:
-            err.print(f"[bold red]cannot resume[/] {e}", highlight=False)
-            raise typer.Exit(2) from None
-        err.print(f"Resuming search [bold]{job.tracking.run_name}[/]")
+        _resume(job, spec, search=True)
     _execute(job, search=True, register=job.registry.enabled, serve_check=False, resume=resume)
 
 
@@ -197,11 +167,10 @@ def promote(
     from dataclasses import asdict
 
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    from lmforge.config import SpecError, TrackingConfig, parse_overrides
+    from lmforge.config import TrackingConfig, parse_overrides
     from lmforge.data import prepare_data
-    from lmforge.registry import PromotionError
+    from lmforge.registry import PromotionError, trained_spec
     from lmforge.registry import promote as run_gate
 
     job = _load(spec, overrides) if spec is not None else None
@@ -211,13 +180,7 @@ def promote(
         alias = "candidate"
         try:
             alias = load(None, overrides or []).registry.alias
-            version = MlflowClient(uri).get_model_version_by_alias(name, alias)
-            lineage = version.tags.get("lmforge.spec")
-            if not lineage:
-                raise SpecError(f"version {version.version} of {name!r} has no lmforge.spec "
-                                f"tag; pass --spec")
-            job = JobSpec.model_validate_json(lineage).with_values(
-                parse_overrides(overrides or []))
+            job = trained_spec(name, alias, uri).with_values(parse_overrides(overrides or []))
         except (SpecError, ValueError) as e:
             err.print(f"[bold red]invalid spec[/] {e}", highlight=False)
             raise typer.Exit(2) from None
@@ -274,21 +237,16 @@ def serve(
                                               "this spec.")] = None,
 ) -> None:
     """Deploy a model as an OpenAI-compatible endpoint; runs until interrupted (Ctrl-C)."""
-    import functools
-
     from ray import serve as ray_serve
 
-    from lmforge.pipeline import init_ray
-    from lmforge.registry import load_model
-    from lmforge.serve import build_app, deploy, pin_alias
+    from lmforge.cluster import init_ray
+    from lmforge.serve import deploy, serving_app
 
     job = _load(spec, overrides)
     tracking_uri = resolve_tracking_uri(job.tracking, Path("runs"))
     init_ray()
     # models:/NAME@ALIAS is pinned to its version at start, and followed as it moves.
-    app_ = build_app(functools.partial(load_model, tracking_uri=tracking_uri), job.serve,
-                     model_uri, functools.partial(pin_alias, tracking_uri=tracking_uri))
-    url = deploy(app_, job.serve)
+    url = deploy(serving_app(model_uri, job.serve, tracking_uri), job.serve)
     err.print(f"Serving [bold]{model_uri}[/] at {url}/v1 (playground: {url}/; Ctrl-C stops)")
     print(json.dumps({"url": url, "model_uri": model_uri}), flush=True)
     # Ctrl-C, `kill`, systemd and Kubernetes all mean "stop": handle both signals
@@ -329,21 +287,18 @@ def submit(
     a run still PENDING or RUNNING, or one that SUCCEEDED (without --resume), is refused.
     Ray's token auth (~/.ray/auth_token) is used when present.
     """
-    import yaml
-
     from lmforge import jobs
 
-    job = _load(spec, overrides)
-    named = any(o.startswith("tracking.run_name=") for o in overrides or []) or bool(
-        ((yaml.safe_load(spec.read_text()) or {}).get("tracking") or {}).get("run_name"))
-    if resume and not named:  # a generated name is new each time: nothing to resume
+    job = _load(spec, overrides, name_run=False)
+    if resume and job.tracking.run_name is None:  # a generated name is new each time
         err.print("[bold red]cannot resume[/] without a run name: set tracking.run_name "
                   "(in the spec or as an override) to the run to continue", highlight=False)
         raise typer.Exit(2)
+    job.tracking.run_name = job.tracking.run_name or default_run_name(spec)
     env = jobs.job_env(resolve_tracking_uri(job.tracking, Path("runs")), dict(os.environ))
     try:
-        submitted = jobs.submit(address, spec, overrides or [], job.tracking.run_name or "lmforge",
-                                Path.cwd(), env, submission_id=submission_id, resume=resume)
+        submitted = jobs.submit(address, spec, overrides or [], job.tracking.run_name, Path.cwd(),
+                                env, submission_id=submission_id, resume=resume)
     except (jobs.SubmitError, ValueError) as e:
         err.print(f"[bold red]not submitted[/] {e}", highlight=False)
         raise typer.Exit(1) from None

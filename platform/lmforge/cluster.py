@@ -1,4 +1,5 @@
-"""A multi-node Ray cluster on one machine: a head raylet and N-1 worker raylets.
+"""Ray clusters: joining one (`init_ray`), and a multi-node cluster on one machine
+(`LocalCluster`: a head raylet and N-1 worker raylets).
 
 Each node is a real `ray start` process (`--head`, then workers with `--address`), so
 multi-node behaviour (placement across nodes, node failure, the Jobs API, token auth)
@@ -315,25 +316,47 @@ def _reap(pid: int) -> None:
         pass
 
 
-def serve_app(args: dict[str, str]):  # -> ray.serve.Application
-    """Serve application builder for a cluster's Serve config (KubeRay RayService
-    serveConfigV2, `serve deploy`, `serve run lmforge.cluster:serve_app model_uri=...`).
+# --- joining a cluster -----------------------------------------------------------------
 
-    args: `model_uri` (models:/NAME@ALIAS, pinned and followed as in `lmforge serve`),
-    optional `spec` (a job spec whose serve and tracking sections apply), optional
-    `tracking_uri` (default: the spec's, then $MLFLOW_TRACKING_URI). Every other
-    `serve.KEY` arg overrides that serve setting, as on `lmforge serve`'s command line.
-    """
-    import functools
 
-    from lmforge.config import load, resolve_tracking_uri
-    from lmforge.registry import load_model
-    from lmforge.serve import build_app, pin_alias
+def init_ray(**kwargs: Any) -> None:
+    """Join the cluster this process was submitted to ($RAY_ADDRESS, as Ray Jobs set it), or
+    start a private local one. Never attach to some other cluster by accident."""
+    import ray
 
-    if "model_uri" not in args:
-        raise ValueError("serve_app: args.model_uri is required (e.g. models:/NAME@champion)")
-    overrides = [f"{k}={v}" for k, v in args.items() if k.startswith("serve.")]
-    job = load(Path(args["spec"]) if args.get("spec") else None, overrides)
-    uri = args.get("tracking_uri") or resolve_tracking_uri(job.tracking, Path("runs"))
-    return build_app(functools.partial(load_model, tracking_uri=uri), job.serve,
-                     args["model_uri"], functools.partial(pin_alias, tracking_uri=uri))
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        _warn_if_another_cluster_runs()
+    ray.init(address=address, log_to_driver=True, **kwargs)
+
+
+def _warn_if_another_cluster_runs() -> None:
+    """With two Ray clusters on one machine, Ray 2.60 Train's placement-group cleaner asks
+    the state API without an address, fails ("multiple active Ray instances") and leaves
+    a finished trial's resources reserved: the next trial then waits for them forever."""
+    import ray
+
+    try:
+        others = sorted(ray._private.services.find_gcs_addresses())  # Ray's own `ps` scan
+    except Exception:  # a private helper: if it moved, go without the warning
+        return
+    if others:
+        print(f"[lmforge] warning: another Ray cluster runs on this machine ({', '.join(others)})."
+              " Ray Train cannot tell two local clusters apart when it cleans up after a "
+              "run, which can leave later trials waiting for resources. Stop it (`ray stop`)"
+              " or run on it (RAY_ADDRESS=... or `lmforge submit`).", file=sys.stderr,
+              flush=True)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "serve_app":  # the import path RayService manifests named before
+        import warnings
+
+        from lmforge.serve import serve_app
+
+        warnings.warn("lmforge.cluster:serve_app moved to lmforge.serve:serve_app",
+                      DeprecationWarning, stacklevel=2)
+        return serve_app
+    raise AttributeError(f"module 'lmforge.cluster' has no attribute {name!r}")

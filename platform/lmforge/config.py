@@ -459,8 +459,10 @@ def _format_errors(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load(path: str | Path | None, overrides: list[str] | None = None) -> JobSpec:
-    """Read, override and validate a job spec. Raises SpecError naming file and field."""
+def load(path: str | Path | None, overrides: list[str] | None = None,
+         name_run: bool = True) -> JobSpec:
+    """Read, override and validate a job spec. Raises SpecError naming file and field.
+    With `name_run`, an unset `tracking.run_name` gets `default_run_name(path)`."""
     source = str(path) if path else "<defaults>"
     raw: Any = {}
     if path is not None:
@@ -485,10 +487,15 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> JobSpec
         raise SpecError(_format_errors(source, e)) from None
     _check_corpus(spec.data, source)
     _make_paths_absolute(spec)
-    if spec.tracking.run_name is None:
-        stem = Path(path).stem if path else "lmforge"
-        spec.tracking.run_name = f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    if name_run and spec.tracking.run_name is None:
+        spec.tracking.run_name = default_run_name(path)
     return spec
+
+
+def default_run_name(path: str | Path | None) -> str:
+    """`SPEC_STEM-YYYYmmdd-HHMMSS`: `--resume` without a name continues the newest of these."""
+    stem = Path(path).stem if path else "lmforge"
+    return f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def _make_paths_absolute(spec: JobSpec) -> None:

@@ -5,6 +5,7 @@ back for serving (safetensors only)."""
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import tempfile
 import threading
 import time
@@ -24,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lmforge.config import RegistryConfig
+from lmforge.config import JobSpec, RegistryConfig, SpecError
 from lmforge.data import PreparedData
 from lmforge.tracking import RunTracker
 
@@ -82,6 +83,31 @@ def register(checkpoint_dir: str, tracker: RunTracker, cfg: RegistryConfig,
         client.set_model_version_tag(cfg.model_name, str(version), key, str(value))
     set_alias(client, cfg.model_name, cfg.alias, version)
     return Registered(cfg.model_name, version, cfg.alias, f"models:/{cfg.model_name}@{cfg.alias}")
+
+
+SPEC_TAG = "lmforge.spec"
+"""Version tag holding the spec (JSON) the version was trained from: its lineage."""
+
+
+def spec_tag(spec: JobSpec) -> str:
+    return json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+
+
+def by_alias(name: str, alias: str, tracking_uri: str) -> Registered:
+    """The version `models:/NAME@ALIAS` points at now."""
+    version = MlflowClient(tracking_uri).get_model_version_by_alias(name, alias)
+    return Registered(name, int(version.version), alias, f"models:/{name}@{alias}")
+
+
+def trained_spec(name: str, alias: str, tracking_uri: str) -> JobSpec:
+    """The spec `models:/NAME@ALIAS` was trained from (its SPEC_TAG); SpecError when the
+    version carries none. MlflowException when there is no such model or alias."""
+    version = MlflowClient(tracking_uri).get_model_version_by_alias(name, alias)
+    lineage = version.tags.get(SPEC_TAG)
+    if not lineage:
+        raise SpecError(f"version {version.version} of {name!r} has no {SPEC_TAG} tag; "
+                        "pass --spec")
+    return JobSpec.model_validate_json(lineage)
 
 
 _UNIQUE_VIOLATION = ("UNIQUE constraint", "IntegrityError", "UniqueViolation", "Duplicate entry")

@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
+import pyarrow
+import pyarrow.fs
 
 # Filesystem types that are the same directory tree on every machine that mounts them.
 _SHARED_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs",
@@ -35,14 +37,15 @@ def is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def filesystem(path: str, field: str = "storage_path") -> tuple[object | None, str]:
-    """(pyarrow filesystem, path inside it) for RunConfig's storage_filesystem and
-    storage_path; (None, absolute path) for a local directory. A URI pyarrow cannot open
-    (unknown scheme, missing credentials library) is a StorageError naming the field."""
+def filesystem(path: str, field: str = "storage_path") -> tuple[pyarrow.fs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local directory or an object-store URI,
+    the pair Ray Train's RunConfig takes as storage_filesystem and storage_path. Endpoints
+    and credentials come from the standard environment (AWS_ENDPOINT_URL, AWS_* keys,
+    GOOGLE_APPLICATION_CREDENTIALS). A URI pyarrow cannot open (unknown scheme, missing
+    credentials library) is a StorageError naming the field."""
     if not is_uri(path):
-        return None, str(Path(path.removeprefix("file://")).expanduser().resolve())
-    import pyarrow.fs
-
+        local = Path(path.removeprefix("file://")).expanduser().resolve()
+        return pyarrow.fs.LocalFileSystem(), str(local)
     try:
         fs, inner = pyarrow.fs.FileSystem.from_uri(path)
     except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as e:

@@ -19,8 +19,7 @@ from lmforge.cli import app
 from lmforge.config import JobSpec, resolve_tracking_uri
 from lmforge.data import BlockShard, PreparedData, prepare_data
 from lmforge.model import build_model
-from lmforge.pipeline import spec_json
-from lmforge.registry import promote, register
+from lmforge.registry import promote, register, spec_tag
 from lmforge.tracking import RunTracker, experiment_id
 
 NAME = "lmforge-gate"
@@ -54,7 +53,7 @@ def checkpoint(spec: JobSpec, data: PreparedData, directory: Path, train_steps: 
 
 def register_version(spec, data, uri, exp, ckpt: str) -> int:
     run = RunTracker.start(uri, exp, "model")
-    tags = {"lmforge.data_fingerprint": data.fingerprint, "lmforge.spec": spec_json(spec)}
+    tags = {"lmforge.data_fingerprint": data.fingerprint, "lmforge.spec": spec_tag(spec)}
     return register(ckpt, run, spec.registry, tags, max_new_tokens=8).version
 
 

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.cluster import LocalCluster
 from lmforge.config import load
-from lmforge.pipeline import Stages, execute
+from lmforge.pipeline import Stages, Summary, execute
 from lmforge.tracking import RunTracker
 
 SPEC = Path(__file__).parent / "specs" / "tiny.yaml"
@@ -38,8 +38,8 @@ def overrides(tmp: Path, *extra: str) -> list[str]:
             f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "train.log_every=1", *extra]
 
 
-def loss_history(summary: dict[str, Any]) -> list[tuple[int, float]]:
-    return RunTracker(summary["tracking_uri"], summary["mlflow_run_id"]).metric_history(
+def loss_history(summary: Summary) -> list[tuple[int, float]]:
+    return RunTracker(summary.tracking_uri, summary.mlflow_run_id).metric_history(
         "train_loss")
 
 
@@ -50,13 +50,13 @@ def lmforge(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: f
                           capture_output=True, text=True, timeout=timeout)
 
 
-def assert_resumed_exactly(summary: dict[str, Any], reference: dict[int, float], steps: int,
+def assert_resumed_exactly(summary: Summary, reference: dict[int, float], steps: int,
                            checkpoint_every: int) -> None:
     """A second attempt resumed from a checkpoint, finished every step, and logged the
     uninterrupted run's loss at every step after the resume, in the same MLflow run (steps
     the first attempt had already logged appear twice: both must match)."""
-    assert summary["steps"] == steps and summary["attempts"] == 2, summary
-    k = summary["resumed_from_step"]
+    assert summary.steps == steps and summary.attempts == 2, summary
+    k = summary.resumed_from_step
     assert k % checkpoint_every == 0 and checkpoint_every <= k < steps, k
     after = [(s, v) for s, v in loss_history(summary) if s > k]
     assert {s for s, _ in after} == set(range(k + 1, steps + 1))
@@ -64,9 +64,10 @@ def assert_resumed_exactly(summary: dict[str, Any], reference: dict[int, float],
         assert value == pytest.approx(reference[step], abs=1e-5), step
 
 
-def summary_of(out: subprocess.CompletedProcess) -> dict[str, Any]:
+def summary_of(out: subprocess.CompletedProcess) -> Summary:
+    """The summary `lmforge` printed as its last stdout line."""
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return Summary(**json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +84,17 @@ def fsdp_run(ray_cluster, tmp_path_factory) -> dict[str, Any]:
 
 def test_two_worker_ddp_lowers_validation_loss(ddp_run, tmp_path: Path):
     summary = ddp_run
-    run = RunTracker(summary["tracking_uri"], summary["mlflow_run_id"])
+    run = RunTracker(summary.tracking_uri, summary.mlflow_run_id)
     val = sorted(run.metric_history("val_loss"))
     assert [step for step, _ in val] == [20, 40, 60, 80, 100, 120]
     assert val[-1][1] < val[0][1] - 0.1, val
-    assert summary["steps"] == 120 and summary["val_loss"] == val[-1][1]
-    assert summary["tokens_per_s"] > 0
-    assert summary["attempts"] == 1 and summary["resumed_from_step"] == 0
+    assert summary.steps == 120 and summary.val_loss == val[-1][1]
+    assert summary.tokens_per_s > 0
+    assert summary.attempts == 1 and summary.resumed_from_step == 0
     assert run.status() == "FINISHED"
 
     # The kept checkpoint is a Hugging Face directory with safetensors weights, no pickle.
-    ckpt = Path(summary["checkpoint"])
+    ckpt = Path(summary.checkpoint)
     assert (ckpt / "model.safetensors").exists() and (ckpt / "config.json").exists()
     assert (ckpt / "tokenizer.json").exists()
     assert not list(ckpt.glob("*.bin"))
@@ -111,7 +112,7 @@ def test_two_worker_ddp_lowers_validation_loss(ddp_run, tmp_path: Path):
 
 def test_two_worker_fsdp_with_accumulation_lowers_loss_and_exports(fsdp_run):
     summary = fsdp_run
-    run = RunTracker(summary["tracking_uri"], summary["mlflow_run_id"])
+    run = RunTracker(summary.tracking_uri, summary.mlflow_run_id)
     val = sorted(run.metric_history("val_loss"))
     assert [s for s, _ in val] == [25, 50, 75, 100, 125, 150]
     assert val[-1][1] < val[0][1] - 0.1, val
@@ -119,7 +120,7 @@ def test_two_worker_fsdp_with_accumulation_lowers_loss_and_exports(fsdp_run):
 
     # Sharded checkpoints (torch.distributed.checkpoint) in storage; the best one exported
     # to one Hugging Face directory that loads and generates.
-    ckpt = Path(summary["checkpoint"])
+    ckpt = Path(summary.checkpoint)
     assert ckpt.parent.name == "hf"
     assert (ckpt.parent.parent / ckpt.name / "dcp" / ".metadata").exists()
     model = AutoModelForCausalLM.from_pretrained(ckpt)
@@ -188,7 +189,7 @@ def test_killed_driver_resumes_exactly_and_ignores_a_half_written_checkpoint(
     assert refused.returncode == 2 and "--resume" in refused.stderr
 
     summary = summary_of(lmforge("train", "--resume", *args[1:], cwd=tmp_path))
-    assert summary["run_name"] == "resumable"
+    assert summary.run_name == "resumable"
     assert_resumed_exactly(summary, reference, steps=150, checkpoint_every=25)
 
 

@@ -65,9 +65,9 @@ def test_concurrent_search_on_mlflow_server(ray_cluster, tiny_spec, tmp_path: Pa
         "tune.startup_trials=4")
     summary = execute(spec, Stages(search=True, register=True, serve_check=False),
                       runs_dir=tmp_path)
-    assert summary["tracking_uri"] == mlflow_server
+    assert summary.tracking_uri == mlflow_server
     client = MlflowClient(mlflow_server)
-    parent = client.get_run(summary["mlflow_run_id"])
+    parent = client.get_run(summary.mlflow_run_id)
     assert parent.info.status == "FINISHED"
     assert "mlflow.source.git.commit" in parent.data.tags
     assert "ray" in json.loads(parent.data.tags["lmforge.versions"])
@@ -79,17 +79,17 @@ def test_concurrent_search_on_mlflow_server(ray_cluster, tiny_spec, tmp_path: Pa
     children = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 4 == summary["trials"]
+    assert len(children) == 4 == summary.trials
     failed = [c for c in children if c.info.status == "FAILED"]
     good = [c for c in children if c.info.status != "FAILED"]
     assert failed and len(good) >= 2, [c.data.params for c in children]
-    assert summary["trials_failed"] == len(failed)
+    assert summary.trials_failed == len(failed)
     for child in failed:
         assert child.data.params["model.n_head"] == "3"
         assert "n_head" in child.data.tags["lmforge.error"]
     for child in good:
         assert child.info.status in {"FINISHED", "KILLED"}
-        assert child.data.tags["lmforge.data_fingerprint"] == summary["data_fingerprint"]
+        assert child.data.tags["lmforge.data_fingerprint"] == summary.data_fingerprint
         assert "mlflow.source.git.commit" in child.data.tags
         assert "val_loss" in child.data.metrics
         assert any(k.startswith("system/cpu") for k in child.data.metrics)
@@ -102,15 +102,15 @@ def test_concurrent_search_on_mlflow_server(ray_cluster, tiny_spec, tmp_path: Pa
     # Registered as candidate with lineage; the gate (no champion yet) promoted it.
     name = "lmforge-tiny"
     candidate = client.get_model_version_by_alias(name, "candidate")
-    assert int(candidate.version) == summary["registered_version"]
-    assert candidate.run_id == summary["best_trial_run_id"]
-    assert candidate.tags["lmforge.data_fingerprint"] == summary["data_fingerprint"]
+    assert int(candidate.version) == summary.registered_version
+    assert candidate.run_id == summary.best_trial_run_id
+    assert candidate.tags["lmforge.data_fingerprint"] == summary.data_fingerprint
     assert json.loads(candidate.tags["lmforge.spec"])["tune"]["max_concurrent_trials"] == 2
     assert float(candidate.tags["lmforge.best_val_loss"]) == pytest.approx(
-        summary["best_val_loss"])
+        summary.best_val_loss)
     assert candidate.tags["lmforge.gate.decision"] == "promoted"
     assert client.get_model_version_by_alias(name, "champion").version == candidate.version
-    assert summary["model_uri"] == f"models:/{name}@champion"
+    assert summary.model_uri == f"models:/{name}@champion"
 
     mlflow.set_tracking_uri(mlflow_server)
     pipe = mlflow.transformers.load_model(f"models:/{name}@champion")

@@ -17,9 +17,10 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from lmforge.pipeline import Stages, execute
+from lmforge.runs import resume_target
 from lmforge.tracking import RunTracker
-from lmforge.tune import resumable_name, trial_runs
-from lmforge.tune_snapshot import latest_snapshot
+from lmforge.tune.report import trial_runs
+from lmforge.tune.snapshot import latest_snapshot
 
 from .conftest import SPEC
 
@@ -68,7 +69,7 @@ def test_resume_after_killed_driver(ray_cluster, tiny_spec, tmp_path: Path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = tiny_spec(*overrides[4:])
-    assert resumable_name(spec, "tiny") == "resumable"
+    assert resume_target(spec, search=True, spec_stem="tiny").name == "resumable"
     parent_id = MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_experiment_by_name("integration").experiment_id],
         filter_string="tags.mlflow.runName = 'resumable'")[0].info.run_id
@@ -78,12 +79,12 @@ def test_resume_after_killed_driver(ray_cluster, tiny_spec, tmp_path: Path):
 
     summary = execute(spec, Stages(search=True, register=False, serve_check=False),
                       runs_dir=tmp_path / "runs", resume=True)
-    assert summary["mlflow_run_id"] == parent_id
-    assert summary["trials"] == 2  # the searcher knew one of its two samples was done
-    assert summary["trials_failed"] == 0
+    assert summary.mlflow_run_id == parent_id
+    assert summary.trials == 2  # the searcher knew one of its two samples was done
+    assert summary.trials_failed == 0
     # The budget counted trial 1 and trial 2's steps before the kill: trial 2 stops at 60
     # (one report more may be in flight when the budget stops it), not at 100.
-    assert 160 <= summary["trial_steps_total"] <= 160 + steps_per_report, summary
+    assert 160 <= summary.trial_steps_total <= 160 + steps_per_report, summary
 
     client = MlflowClient(uri)
     children = client.search_runs(

@@ -96,17 +96,25 @@ def test_rayjob_entrypoint_is_a_valid_lmforge_spec():
 def test_rayservice_serve_config_passes_serve_schema_and_builds():
     from ray.serve.schema import ServeDeploySchema
 
-    from lmforge.cluster import serve_app
+    from lmforge.serve import serve_app
 
     (doc,) = _docs(CLUSTER / "kuberay" / "rayservice.yaml")
     config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
     (app,) = config.applications
-    assert app.import_path == "lmforge.cluster:serve_app"
+    assert app.import_path == "lmforge.serve:serve_app"
     assert app.args["model_uri"].endswith("@champion")
     built = serve_app(app.args)  # the builder KubeRay's Serve controller will call
     (dep,) = app.deployments
     assert dep.name == built._bound_deployment.name
     assert dep.autoscaling_config["max_replicas"] > dep.autoscaling_config["min_replicas"]
+
+
+def test_the_old_import_path_still_builds_the_same_app_with_a_warning():
+    import lmforge.cluster
+    from lmforge.serve import serve_app
+
+    with pytest.warns(DeprecationWarning, match="moved to lmforge.serve:serve_app"):
+        assert lmforge.cluster.serve_app is serve_app
 
 
 def _mlflow_server_params(argv: list[str], env: dict[str, str]) -> dict:

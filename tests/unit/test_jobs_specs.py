@@ -55,7 +55,7 @@ def test_finetune_spec_trains_a_local_checkpoint_with_its_own_tokenizer():
 
 
 def test_serve_spec_is_what_lmforge_serve_and_the_cluster_builder_take(monkeypatch):
-    from lmforge.cluster import serve_app
+    from lmforge.serve import serve_app
 
     path = JOBS / "serve.yaml"
     text = _header(path)

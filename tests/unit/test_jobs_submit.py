@@ -148,15 +148,14 @@ def test_spec_outside_the_project_is_refused(tmp_path: Path, fake):
 
 def test_resume_if_started_continues_this_run_or_starts_it(tmp_path: Path):
     """What the resubmitted job decides on the cluster, where the storage is."""
-    from lmforge.cli import _resume_name, _started
     from lmforge.config import load
-    from lmforge.train.trainer import RUN_STATE_FILE
+    from lmforge.runs import NamedRun, RunState, resume_target
 
     spec = load(SPEC, [f"train.storage_path={tmp_path}", "tracking.run_name=r"])
-    (tmp_path / "tiny-20250101-000000").mkdir()  # another run of the same spec
-    (tmp_path / "tiny-20250101-000000" / RUN_STATE_FILE).write_text("{}")
-    assert _resume_name(spec, SPEC, search=False) == "tiny-20250101-000000"  # plain --resume
-    assert not _started(spec)  # but r never started: start it, do not continue the other
-    (tmp_path / "r").mkdir()
-    (tmp_path / "r" / RUN_STATE_FILE).write_text("{}")
-    assert _started(spec) and _resume_name(spec, SPEC, search=False) == "r"
+    state = RunState("parent", "0", "sqlite:///x.db")
+    NamedRun("tiny-20250101-000000", str(tmp_path)).record(state)  # another run of the spec
+    assert resume_target(spec, False, SPEC.stem).name == "tiny-20250101-000000"  # --resume
+    run = NamedRun.of(spec, search=False)
+    assert not run.started()  # but r never started: start it, do not continue the other
+    run.record(state)
+    assert run.started() and resume_target(spec, False, SPEC.stem).name == "r"

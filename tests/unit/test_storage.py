@@ -14,8 +14,9 @@ from lmforge.storage import StorageError, check_shared, filesystem, is_shared
 
 def test_local_directory_resolves_to_an_absolute_path(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert filesystem("runs/ray") == (None, str(tmp_path / "runs" / "ray"))
-    assert filesystem(f"file://{tmp_path}/x") == (None, str(tmp_path / "x"))
+    fs, inner = filesystem("runs/ray")
+    assert isinstance(fs, pyarrow.fs.LocalFileSystem) and inner == str(tmp_path / "runs" / "ray")
+    assert filesystem(f"file://{tmp_path}/x")[1] == str(tmp_path / "x")
 
 
 def test_object_store_uri_goes_through_pyarrow(tmp_path: Path):

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from lmforge.train import ResumeError
-from lmforge.tune_snapshot import (
+from lmforge.runs import ResumeError
+from lmforge.tune.snapshot import (
     SNAPSHOT_DIR,
     StateSnapshots,
     intact,

@@ -6,25 +6,26 @@ import json
 
 import numpy as np
 import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import sample
 
-import lmforge.tune as lmtune
+import lmforge.tune.search as lmtune
 from lmforge.config import JobSpec
-from lmforge.tune import (
+from lmforge.runs import NamedRun, ResumeError, RunState
+from lmforge.tune.report import TrialOutcome, _study, pareto_front
+from lmforge.tune.search import (
     ResourceError,
     TokenBudget,
-    TrialOutcome,
-    _study,
     check_fits,
+    check_settings_unchanged,
     make_scheduler,
     make_searcher,
     objectives,
-    pareto_front,
-    search_space,
+    search_settings,
     startup_trials,
     trial_resources,
 )
+from lmforge.tune.space import distributions
 
 SPACE = {
     "train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
@@ -40,51 +41,53 @@ def spec_with(**sections) -> JobSpec:
 
 @pytest.fixture(scope="module")
 def domains():
-    return search_space(spec_with(tune={"search_space": SPACE}).tune.search_space)
+    return distributions(spec_with(tune={"search_space": SPACE}).tune.search_space)
 
 
-def draw(domain, n: int = 2000) -> np.ndarray:
-    return np.asarray(domain.sample(size=n, random_state=np.random.RandomState(0)))
+def draw_all(domains, n: int = 2000, seed: int = 0) -> list[dict]:
+    """`n` samples of the whole space, drawn by Optuna's random sampler from the
+    distributions (as the searcher's sampler draws them)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    return [study.ask(fixed_distributions=domains).params for _ in range(n)]
 
 
-def test_every_dim_maps_to_its_ray_tune_domain(domains):
+def draw(domains, key: str) -> np.ndarray:
+    return np.asarray([p[key] for p in draw_all(domains)])
+
+
+def test_every_dim_maps_to_its_optuna_distribution(domains):
     assert domains.keys() == SPACE.keys()
-    kinds = {
-        "train.lr": (sample.Float, sample.LogUniform),
-        "train.weight_decay": (sample.Float, sample.Uniform),
-        "model.n_layer": (sample.Integer, sample.Uniform),
-        "model.n_embd": (sample.Categorical, sample.Uniform),
-    }
-    for key, (domain_type, sampler_type) in kinds.items():
-        assert isinstance(domains[key], domain_type), key
-        assert isinstance(domains[key].get_sampler(), sampler_type), key
-    assert not isinstance(domains["train.weight_decay"].get_sampler(), sample.LogUniform)
+    assert domains["train.lr"] == FloatDistribution(1e-4, 1e-2, log=True)
+    assert domains["train.weight_decay"] == FloatDistribution(0.0, 0.2)
+    assert domains["model.n_layer"] == IntDistribution(1, 3)
+    assert domains["model.n_embd"] == CategoricalDistribution([32, 64, 96])
 
 
 def test_float_samples_lie_in_range(domains):
-    lr = draw(domains["train.lr"])
+    lr = draw(domains, "train.lr")
     assert lr.min() >= 1e-4 and lr.max() <= 1e-2
     # Log-uniform: about half the draws fall below the geometric mean 1e-3.
     assert 0.4 < (lr < 1e-3).mean() < 0.6
-    wd = draw(domains["train.weight_decay"])
+    wd = draw(domains, "train.weight_decay")
     assert wd.min() >= 0.0 and wd.max() <= 0.2
     assert 0.4 < (wd < 0.1).mean() < 0.6
 
 
 def test_int_high_is_inclusive(domains):
-    assert set(draw(domains["model.n_layer"]).tolist()) == {1, 2, 3}
+    assert set(draw(domains, "model.n_layer").tolist()) == {1, 2, 3}
 
 
 def test_choice_samples_the_given_values(domains):
-    assert set(draw(domains["model.n_embd"]).tolist()) == {32, 64, 96}
+    assert set(draw(domains, "model.n_embd").tolist()) == {32, 64, 96}
 
 
 def test_a_sampled_trial_config_is_a_valid_spec(domains):
     spec = spec_with(tune={"search_space": SPACE}, model={"n_head": 4},
                      train={"steps": 20, "warmup_steps": 2})
-    rng = np.random.RandomState(1)
-    for _ in range(5):
-        config = {k: d.sample(random_state=rng) for k, d in domains.items()}
+    for config in draw_all(domains, n=5, seed=1):
         trial = spec.with_values(config)
         assert trial.train.lr == pytest.approx(float(config["train.lr"]))
         assert trial.model.n_layer == int(config["model.n_layer"])
@@ -233,14 +236,13 @@ def test_resume_refuses_search_settings_that_tune_restore_would_ignore(tmp_path)
                                "search_space": SPACE, "max_tokens": 1000, **tune})
 
     started = spec()
-    (tmp_path / "s").mkdir()
-    (tmp_path / "s" / lmtune.STATE_FILE).write_text(json.dumps(
-        {"parent_run_id": "r", "tune": lmtune._search_settings(started.tune)}))
-    lmtune.check_settings_unchanged(started, "s")
+    named = NamedRun("s", str(tmp_path), search=True)
+    named.record(RunState("r", "0", "sqlite:///x.db", search_settings(started.tune)))
+    check_settings_unchanged(started, named.state(), "s")
     # Read afresh on a resume, so free to change:
-    lmtune.check_settings_unchanged(spec(driver_cpus=0.5), "s")
-    with pytest.raises(lmtune.ResumeError) as e:
-        lmtune.check_settings_unchanged(spec(max_tokens=5000, num_trials=9), "s")
+    check_settings_unchanged(spec(driver_cpus=0.5), named.state(), "s")
+    with pytest.raises(ResumeError) as e:
+        check_settings_unchanged(spec(max_tokens=5000, num_trials=9), named.state(), "s")
     assert "tune.max_tokens: 1000 when it started, 5000 now" in str(e.value)
     assert "tune.num_trials: 4 when it started, 9 now" in str(e.value)
     # `lmforge tune --resume` (and `run --resume`, and a resubmitted job) go through
@@ -249,10 +251,10 @@ def test_resume_refuses_search_settings_that_tune_restore_would_ignore(tmp_path)
 
     changed = spec(max_tokens=5000)
     changed.tracking.run_name = "s"
-    with pytest.raises(lmtune.ResumeError, match="tune.max_tokens: 1000 when it started"):
+    with pytest.raises(ResumeError, match="tune.max_tokens: 1000 when it started"):
         execute(changed, Stages(search=True, register=False, serve_check=False),
                 runs_dir=tmp_path / "runs", resume=True)
     assert not (tmp_path / "runs").exists()
     # A state file from before the settings were recorded: nothing to compare.
-    (tmp_path / "s" / lmtune.STATE_FILE).write_text(json.dumps({"parent_run_id": "r"}))
-    lmtune.check_settings_unchanged(spec(max_tokens=5000), "s")
+    (tmp_path / "s" / "lmforge_run.json").write_text(json.dumps({"parent_run_id": "r"}))
+    check_settings_unchanged(spec(max_tokens=5000), named.state(), "s")

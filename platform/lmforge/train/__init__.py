@@ -9,8 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["ResumeError", "RunExists", "TrainOutcome", "build_trainer", "resumable_run",
-           "resume_state", "run_exists", "run_started", "run_training"]
+__all__ = ["TrainOutcome", "build_trainer", "run_training"]
 
 
 def __getattr__(name: str) -> Any:

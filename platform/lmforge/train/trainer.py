@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.fs
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
@@ -17,18 +15,6 @@ from lmforge.storage import require_shared
 from lmforge.tracking import RunTracker
 from lmforge.train.checkpoint import DCP_DIR, export_hf
 from lmforge.train.loop import train_fn_per_worker
-
-RUN_STATE_FILE = "lmforge_run.json"
-"""Written into the run's storage directory: the MLflow run a `--resume` continues."""
-
-
-class RunExists(RuntimeError):
-    """A run of this name already has state in storage and resuming was not asked for."""
-
-
-class ResumeError(RuntimeError):
-    """`--resume` cannot continue: no run or search to continue, or one that the spec
-    contradicts."""
 
 
 @dataclass(frozen=True)
@@ -73,67 +59,11 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
     )
 
 
-def _storage(storage_path: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """The filesystem and root path of a local path or a URI (s3://, gs://, ...)."""
-    if "://" in storage_path:
-        return pyarrow.fs.FileSystem.from_uri(storage_path)
-    return pyarrow.fs.LocalFileSystem(), storage_path
-
-
-def run_exists(storage_path: str, name: str) -> bool:
-    """Whether Ray Train has state for run `name` under `storage_path` (local or a URI)."""
-    fs, root = _storage(storage_path)
-    return fs.get_file_info(f"{root.rstrip('/')}/{name}").type != pyarrow.fs.FileType.NotFound
-
-
-def run_started(storage_path: str, name: str) -> bool:
-    """Whether run `name` got as far as recording its MLflow run, so it can be resumed."""
-    fs, root = _storage(storage_path)
-    return fs.get_file_info(f"{root}/{name}/{RUN_STATE_FILE}").type == pyarrow.fs.FileType.File
-
-
-def resumable_run(storage_path: str, name: str, spec_stem: str) -> str:
-    """The run `--resume` continues: `name` when it has been started, else the newest run
-    of this spec file (`SPEC_STEM-<timestamp>`) under `storage_path`."""
-    if run_started(storage_path, name):
-        return name
-    fs, root = _storage(storage_path)
-    found = sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(
-        root, allow_not_found=True)) if i.base_name.startswith(f"{spec_stem}-")
-        and run_started(storage_path, i.base_name))
-    if not found:
-        raise ResumeError(f"train.storage_path {storage_path}: no run named {name!r} or "
-                          f"{spec_stem}-* to resume; start one with `lmforge train` first")
-    return found[-1]  # the names end in a sortable timestamp
-
-
-def resume_state(storage_path: str, name: str) -> dict[str, str]:
-    """MLflow run id, experiment id and tracking URI recorded when the run started."""
-    fs, root = _storage(storage_path)
-    with fs.open_input_stream(f"{root}/{name}/{RUN_STATE_FILE}") as f:
-        return json.loads(f.read())
-
-
-def _record_run(storage_path: str, name: str, tracker: RunTracker) -> None:
-    fs, root = _storage(storage_path)
-    fs.create_dir(f"{root}/{name}", recursive=True)
-    experiment = tracker.client.get_run(tracker.run_id).info.experiment_id
-    with fs.open_output_stream(f"{root}/{name}/{RUN_STATE_FILE}") as f:
-        f.write(json.dumps({"parent_run_id": tracker.run_id, "experiment_id": experiment,
-                            "tracking_uri": tracker.uri}).encode())
-
-
 def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
-                 callbacks: Sequence[UserCallback] = (), resume: bool = False) -> TrainOutcome:
-    """Train to `train.steps` (or an early stop). Ray Train restores a run from the state it
-    finds in storage under `name`, so an existing run continues only when `resume` is set;
-    otherwise it is refused rather than silently continued."""
-    if not resume and run_exists(spec.train.storage_path, name):
-        raise RunExists(
-            f"run {name!r} already exists under train.storage_path ({spec.train.storage_path});"
-            " pass --resume to continue it, or set another tracking.run_name")
-    if tracker is not None and not resume:
-        _record_run(spec.train.storage_path, name, tracker)
+                 callbacks: Sequence[UserCallback] = ()) -> TrainOutcome:
+    """Train run `name` to `train.steps` (or an early stop). Ray Train continues the run
+    from the latest checkpoint it finds in storage under `name`: whether that is wanted
+    (`--resume`) or refused is the caller's rule (`lmforge.runs.NamedRun`)."""
     result = build_trainer(spec, data, tracker, name, callbacks).fit()
     best = result.get_best_checkpoint(metric="val_loss", mode="min") or result.checkpoint
     if best is None:

@@ -32,7 +32,7 @@ from typing import Any
 
 from ray import tune
 
-from lmforge.train import ResumeError
+from lmforge.runs import ResumeError
 
 SNAPSHOT_DIR = ".lmforge-state"
 _PATTERNS = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl",

@@ -1,0 +1,169 @@
+"""A named run: one training run or one search, by its name, under its storage path.
+
+The CLI, the pipeline and a resubmitted job all ask the same questions of a run, and this
+module is the one place that answers them:
+
+- where its state lives: `STORAGE/NAME/`, the directory Ray Train (`train.storage_path`)
+  or Ray Tune (`tune.storage_path`) keeps the run in, local or an object-store URI;
+- whether it exists (a new run of that name is refused) and whether it started (it
+  recorded its MLflow run, so `--resume` can continue it under that run);
+- which run `--resume` continues: `tracking.run_name`'s when it started, else the newest
+  started run of the same spec file, newest by when its state was recorded.
+
+The state file (`lmforge_run.json`) holds the MLflow parent run, its experiment and
+tracking URI, and the settings a resume must not change (a search's `tune.*`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow.fs
+
+from lmforge.config import JobSpec
+from lmforge.storage import filesystem
+
+STATE_FILE = "lmforge_run.json"
+_OLD_SEARCH_STATE = "lmforge_search.json"  # what searches recorded before this module
+
+
+class RunExists(RuntimeError):
+    """A run of this name already has state in storage and resuming was not asked for."""
+
+
+class ResumeError(RuntimeError):
+    """`--resume` cannot continue: no run or search to continue, or one that the spec
+    contradicts."""
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What a run records when it starts, and a resume reads back."""
+
+    parent_run_id: str
+    """The MLflow run the whole run (a search's parent) logs to."""
+    experiment_id: str
+    tracking_uri: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    """Settings the run keeps for its whole life (a search's `tune.*`, which Tune restores
+    from its own state): a resume that asks for others is refused."""
+
+
+@dataclass(frozen=True)
+class NamedRun:
+    """A training run (`search=False`) or a search, named `name`, under `storage_path`."""
+
+    name: str
+    storage_path: str
+    search: bool = False
+
+    @classmethod
+    def of(cls, spec: JobSpec, search: bool, name: str | None = None) -> NamedRun:
+        """`name` (default `tracking.run_name`) under the storage path of its kind."""
+        storage = spec.tune.storage_path if search else spec.train.storage_path
+        return cls(name or spec.tracking.run_name or "lmforge", storage, search)
+
+    @property
+    def storage_field(self) -> str:
+        return "tune.storage_path" if self.search else "train.storage_path"
+
+    @property
+    def kind(self) -> str:
+        return "search" if self.search else "run"
+
+    @property
+    def path(self) -> str:
+        """The run's directory as Ray Train and Tune address it (local path or URI)."""
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+    def _fs(self) -> tuple[pyarrow.fs.FileSystem, str]:
+        fs, root = filesystem(self.storage_path, self.storage_field)
+        return fs, f"{root.rstrip('/')}/{self.name}"
+
+    def _state_info(self) -> pyarrow.fs.FileInfo | None:
+        fs, inner = self._fs()
+        for file in (STATE_FILE, _OLD_SEARCH_STATE) if self.search else (STATE_FILE,):
+            info = fs.get_file_info(f"{inner}/{file}")
+            if info.type == pyarrow.fs.FileType.File:
+                return info
+        return None
+
+    def exists(self) -> bool:
+        """Whether Ray Train or Tune holds state under this name, which a new run would
+        silently continue. Our state file alone does not count: a run that stopped before
+        Ray started anything may start again under its name."""
+        fs, inner = self._fs()
+        if not self.name:
+            return False
+        listing = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
+        ours = {STATE_FILE, _OLD_SEARCH_STATE, f".{STATE_FILE}.tmp"}
+        return any(i.base_name not in ours for i in listing)
+
+    def started(self) -> bool:
+        """Whether the run got as far as recording its MLflow run (and, for a search, Tune's
+        state), so that `--resume` can continue it."""
+        if not self.name or self._state_info() is None:
+            return False
+        if not self.search:
+            return True
+        from ray import tune  # Tune's own test of a restorable experiment
+
+        return tune.Tuner.can_restore(self.path)
+
+    def require_new(self) -> None:
+        """Refuse to start over a run of the same name: Ray would continue its state."""
+        if self.exists():
+            raise RunExists(f"{self.kind} {self.name!r} already exists under "
+                            f"{self.storage_field} ({self.storage_path}); pass --resume to "
+                            "continue it, or set another tracking.run_name")
+
+    def record(self, state: RunState) -> None:
+        """Write the state file whole or not at all (a temporary file, then a rename; an
+        object store's put is atomic by itself)."""
+        fs, inner = self._fs()
+        fs.create_dir(inner, recursive=True)
+        tmp = f"{inner}/.{STATE_FILE}.tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(json.dumps(asdict(state), indent=2).encode())
+        fs.move(tmp, f"{inner}/{STATE_FILE}")
+
+    def state(self) -> RunState:
+        """The state recorded when the run started; ResumeError when there is none."""
+        info = self._state_info()
+        if info is None:
+            raise ResumeError(f"{self.kind} {self.name!r} under {self.storage_field} "
+                              f"({self.storage_path}) never started: nothing to resume")
+        fs, _ = self._fs()
+        with fs.open_input_stream(info.path) as f:
+            raw = json.loads(f.read())
+        # Older searches kept their settings under "tune".
+        settings = raw.get("settings", raw.get("tune")) or {}
+        return RunState(raw["parent_run_id"], raw.get("experiment_id", ""),
+                        raw.get("tracking_uri", ""), settings)
+
+    def recorded_at(self) -> float:
+        """When the state file was written (seconds since the epoch; 0 when never)."""
+        info = self._state_info()
+        return info.mtime.timestamp() if info is not None and info.mtime else 0.0
+
+
+def resume_target(spec: JobSpec, search: bool, spec_stem: str) -> NamedRun:
+    """The run `--resume` continues: `tracking.run_name`'s when it started, else the newest
+    started run of this spec file (`SPEC_STEM-*`, the default names) under the storage path;
+    ResumeError naming the storage field when there is none."""
+    named = NamedRun.of(spec, search)
+    if named.started():
+        return named
+    fs, root = filesystem(named.storage_path, named.storage_field)
+    listing = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    candidates = [NamedRun(i.base_name, named.storage_path, search) for i in listing
+                  if i.type == pyarrow.fs.FileType.Directory
+                  and i.base_name.startswith(f"{spec_stem}-")]
+    started = [c for c in candidates if c.started()]
+    if not started:
+        raise ResumeError(f"{named.storage_field} {named.storage_path}: no {named.kind} named "
+                          f"{named.name!r} or {spec_stem}-* to resume; start one with "
+                          f"`lmforge {'tune' if search else 'train'}` first")
+    return max(started, key=lambda c: (c.recorded_at(), c.name))

@@ -1,0 +1,251 @@
+"""The search: the spec's search space as Optuna distributions, OptunaSearch (TPE or random)
+with ASHA, a token budget summed over trials, and `run_search`, which runs the Tune
+experiment (or resumes it) and returns each trial's outcome.
+
+Each trial runs `trial.train_driver_fn`; what the search leaves in MLflow is `report.py`'s.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune import Stopper
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from lmforge.config import JobSpec, TuneConfig
+from lmforge.data import PreparedData
+from lmforge.runs import NamedRun, ResumeError, RunState
+from lmforge.storage import is_uri, require_shared
+from lmforge.tracking import RunTracker
+from lmforge.tune.report import (
+    SearchOutcome,
+    TrialOutcome,
+    close_orphaned_trials,
+    close_stopped_trials,
+    log_search,
+    pareto_front,
+    trial_runs,
+)
+from lmforge.tune.snapshot import StateSnapshots, repair
+from lmforge.tune.space import distributions
+from lmforge.tune.trial import train_driver_fn
+
+
+class ResourceError(RuntimeError):
+    """The cluster can never run one trial; raised before any trial starts."""
+
+
+def trial_resources(spec: JobSpec) -> float:
+    """CPUs one trial holds: its driver function's bundle plus its training workers."""
+    return spec.tune.driver_cpus + spec.train.workers * spec.train.cpus_per_worker
+
+
+def check_fits(spec: JobSpec, cluster_cpus: float) -> None:
+    """Fail at once when a trial can never be scheduled, instead of pending forever."""
+    need = trial_resources(spec)
+    if need > cluster_cpus + 1e-9:
+        raise ResourceError(
+            f"one trial needs {need:g} CPUs (tune.driver_cpus {spec.tune.driver_cpus:g} + "
+            f"train.workers {spec.train.workers} x train.cpus_per_worker "
+            f"{spec.train.cpus_per_worker:g}) but the cluster has {cluster_cpus:g}; lower "
+            f"train.workers or train.cpus_per_worker"
+        )
+    if spec.train.use_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if spec.train.workers > gpus:
+            raise ResourceError(f"train.workers={spec.train.workers} with train.use_gpu needs "
+                                f"{spec.train.workers} GPUs; the cluster has {gpus:g}")
+
+
+# --- searcher, scheduler, budget -----------------------------------------------------
+
+
+def objectives(cfg: TuneConfig) -> dict[str, str]:
+    """Metric -> mode the searcher optimises: val_loss, plus tokens_per_s when multi-objective."""
+    return {cfg.metric: "min"} | ({"tokens_per_s": "max"} if cfg.multi_objective else {})
+
+
+def startup_trials(cfg: TuneConfig) -> int:
+    """Random trials before TPE takes over (see `tune.startup_trials`)."""
+    return cfg.startup_trials or min(10, max(2, cfg.num_trials // 3))
+
+
+def make_searcher(cfg: TuneConfig) -> OptunaSearch:
+    """OptunaSearch over `tune.search_space` (given as Optuna distributions, so Tune's
+    param_space stays empty and the spec's space is translated in one place)."""
+    import optuna
+
+    if cfg.searcher == "random":
+        sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
+    else:  # multivariate: models the joint density (lr with warmup, say), not each alone
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True,
+                                             n_startup_trials=startup_trials(cfg))
+    goals = objectives(cfg)
+    space = distributions(cfg.search_space)
+    if len(goals) == 1:
+        return OptunaSearch(space, metric=cfg.metric, mode="min", sampler=sampler)
+    return OptunaSearch(space, metric=list(goals), mode=list(goals.values()), sampler=sampler)
+
+
+def make_scheduler(spec: JobSpec) -> ASHAScheduler | FIFOScheduler:
+    cfg = spec.tune
+    if cfg.scheduler == "fifo" or cfg.multi_objective:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="step", metric=cfg.metric, mode="min", max_t=spec.train.steps,
+                         grace_period=min(cfg.grace_period, spec.train.steps),
+                         reduction_factor=cfg.reduction_factor)
+
+
+class TokenBudget(Stopper):
+    """Stops the whole search once its trials together have trained on `max_tokens`.
+
+    Tune has wall-time (`time_budget_s`) and per-trial stoppers but no budget summed over
+    trials, so this one is ours: it keeps each trial's latest `tokens` report.
+
+    On `--resume` the count goes on: Tune pickles the stopper into every experiment-state
+    snapshot, and a restored search runs with that copy (`TuneController.resume` replaces
+    the `RunConfig.stop` from `tuner.pkl`, the empty one from the start), as it does for
+    `time_budget_s`. A trial the kill interrupted continues its Train run from its latest
+    checkpoint (see `train_driver_fn`), so its `tokens` go on from the count kept here.
+    """
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.tokens: dict[str, int] = {}
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        self.tokens[trial_id] = max(self.tokens.get(trial_id, 0), int(result.get("tokens", 0)))
+        return False
+
+    def stop_all(self) -> bool:
+        return sum(self.tokens.values()) >= self.max_tokens
+
+
+# --- the search ----------------------------------------------------------------------
+
+
+# What `Tuner.restore` brings back from the experiment, whatever the spec says now. The
+# rest of `tune` (enabled, storage_path, driver_cpus) is read afresh on a resume.
+_RESTORED = ("num_trials", "max_tokens", "time_budget_s", "max_concurrent_trials", "metric",
+             "multi_objective", "searcher", "scheduler", "search_space", "grace_period",
+             "reduction_factor", "startup_trials", "seed")
+
+
+def search_settings(cfg: TuneConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json", include=set(_RESTORED))
+
+
+def check_settings_unchanged(spec: JobSpec, recorded: RunState, name: str) -> None:
+    """A resumed search runs with the settings it started with (Tune restores its searcher,
+    scheduler, budget and trial count): refuse a spec that asks for others rather than
+    ignore it."""
+    started = recorded.settings
+    if not started:  # recorded by an older lmforge
+        return
+    now = search_settings(spec.tune)
+    changed = [f"tune.{key}: {started.get(key)!r} when it started, {now[key]!r} now"
+               for key in _RESTORED if started.get(key) != now[key]]
+    if changed:
+        raise ResumeError(f"search {name!r} resumes with the settings it started with, and "
+                          f"the spec changes them ({'; '.join(changed)}). Resume without "
+                          "those changes, or start a new search (another tracking.run_name)")
+
+
+def run_search(spec: JobSpec, data: PreparedData, parent: RunTracker | None,
+               experiment_id: str, name: str, run_tags: dict[str, str] | None = None,
+               resume: bool = False) -> SearchOutcome:
+    """Run the search `name` under `tune.storage_path` (or, with `resume`, continue it from
+    Tune's state there) and return every trial's outcome and the best."""
+    cfg = spec.tune
+    if not cfg.search_space:
+        raise ValueError("tune.search_space: empty; name at least one spec field to search")
+    check_fits(spec, ray.cluster_resources().get("CPU", 0))
+    require_shared(cfg.storage_path, "tune.storage_path")  # multi-host needs shared storage
+    trainable = tune.with_resources(
+        tune.with_parameters(train_driver_fn, spec=spec, data=data, parent=parent,
+                             experiment_id=experiment_id, run_tags=run_tags or {}),
+        {"CPU": cfg.driver_cpus},
+    )
+    path = NamedRun(name, cfg.storage_path, search=True).path
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise ResumeError(f"{path}: no Ray Tune experiment state to resume")
+        # Tune's state files are repaired where they are local (an object store's puts are
+        # whole by themselves).
+        if not is_uri(path) and (damaged := repair(Path(path))):
+            print(f"[lmforge] {', '.join(damaged)} in {path} was cut short (the driver was "
+                  "killed while writing it); resuming from the last intact copy of the "
+                  "search's state", file=sys.stderr, flush=True)
+        if parent is not None:
+            close_orphaned_trials(parent)
+        # Finished and errored trials keep their results; the searcher keeps its history
+        # and the token budget its count; trials the killed driver left running start
+        # again and continue their Train runs.
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True,
+                                   resume_errored=False)
+    else:
+        stop = TokenBudget(cfg.max_tokens) if cfg.max_tokens else None
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(cfg),
+                scheduler=make_scheduler(spec),
+                num_samples=cfg.num_trials,
+                max_concurrent_trials=cfg.max_concurrent_trials,
+                time_budget_s=cfg.time_budget_s,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=cfg.storage_path, stop=stop,
+                                      callbacks=[StateSnapshots()], verbose=1),
+        )
+    grid = tuner.fit()
+    runs = trial_runs(parent) if parent is not None else {}
+    trials = [_outcome(r, runs, spec.train.steps) for r in grid]
+    if parent is not None:
+        close_stopped_trials(parent.uri, trials)
+    finished = [t for t in trials if t.error is None and t.checkpoint is not None]
+    if not finished:
+        errors = "; ".join(t.error or "no checkpoint" for t in trials)
+        raise RuntimeError(f"every trial failed: {errors}")
+    pareto = pareto_front(finished) if cfg.multi_objective else []
+    best = min(finished, key=lambda t: t.best_val_loss)
+    outcome = SearchOutcome(best=best, trials=trials, pareto=pareto)
+    if parent is not None:
+        log_search(parent, spec, outcome)
+    return outcome
+
+
+def _outcome(result: tune.Result, runs: dict[str, Any], steps: int) -> TrialOutcome:
+    m = result.metrics or {}
+    run = runs.get(Path(result.path).name) if result.path else None
+    done = int(m.get("step", 0))
+    status = "FAILED" if result.error else "FINISHED" if done >= steps else "STOPPED"
+    return TrialOutcome(
+        trial_id=m.get("trial_id") or (run.data.tags.get("lmforge.trial_id", "") if run else ""),
+        config=result.config or {},
+        status=status,
+        steps=done,
+        val_loss=float(m.get("val_loss", math.nan)),
+        best_val_loss=float(m.get("best_val_loss", math.inf)),
+        tokens_per_s=float(m.get("tokens_per_s", 0.0)),
+        tokens=int(m.get("tokens", 0)),
+        checkpoint=_best_checkpoint_path(result),
+        mlflow_run_id=m.get("mlflow_run_id") or (run.info.run_id if run else ""),
+        error=f"{type(result.error).__name__}: {result.error}"[:2000] if result.error else None,
+    )
+
+
+def _best_checkpoint_path(result: tune.Result) -> str | None:
+    """The trial's lowest-val_loss Train checkpoint (its path travels in the metrics)."""
+    history = result.metrics_dataframe
+    if history is None or "checkpoint_path" not in history or history.empty:
+        return (result.metrics or {}).get("checkpoint_path")
+    rows = history.dropna(subset=["checkpoint_path"])
+    return str(rows.loc[rows["val_loss"].idxmin(), "checkpoint_path"]) if len(rows) else None
+
+
