@@ -82,12 +82,22 @@ class NamedRun:
         fs, root = filesystem(self.storage_path, self.storage_field)
         return fs, f"{root.rstrip('/')}/{self.name}"
 
-    def _state_info(self) -> pyarrow.fs.FileInfo | None:
+    def _recorded(self) -> tuple[dict[str, Any], pyarrow.fs.FileInfo] | None:
+        """The state file's contents and listing entry, when this run recorded one; a file
+        of the other kind (a search's, seen from training) or unreadable is none."""
         fs, inner = self._fs()
         for file in (STATE_FILE, _OLD_SEARCH_STATE) if self.search else (STATE_FILE,):
             info = fs.get_file_info(f"{inner}/{file}")
-            if info.type == pyarrow.fs.FileType.File:
-                return info
+            if info.type != pyarrow.fs.FileType.File:
+                continue
+            try:
+                with fs.open_input_stream(info.path) as f:
+                    raw = json.loads(f.read())
+            except (OSError, ValueError):
+                return None
+            # Files from before "kind" was recorded: lmforge_search.json held searches only.
+            kind = raw.get("kind", "search" if file == _OLD_SEARCH_STATE else "run")
+            return (raw, info) if kind == self.kind else None
         return None
 
     def exists(self) -> bool:
@@ -104,7 +114,7 @@ class NamedRun:
     def started(self) -> bool:
         """Whether the run got as far as recording its MLflow run (and, for a search, Tune's
         state), so that `--resume` can continue it."""
-        if not self.name or self._state_info() is None:
+        if not self.name or self._recorded() is None:
             return False
         if not self.search:
             return True
@@ -126,27 +136,25 @@ class NamedRun:
         fs.create_dir(inner, recursive=True)
         tmp = f"{inner}/.{STATE_FILE}.tmp"
         with fs.open_output_stream(tmp) as f:
-            f.write(json.dumps(asdict(state), indent=2).encode())
+            f.write(json.dumps({"kind": self.kind, **asdict(state)}, indent=2).encode())
         fs.move(tmp, f"{inner}/{STATE_FILE}")
 
     def state(self) -> RunState:
         """The state recorded when the run started; ResumeError when there is none."""
-        info = self._state_info()
-        if info is None:
+        recorded = self._recorded()
+        if recorded is None:
             raise ResumeError(f"{self.kind} {self.name!r} under {self.storage_field} "
                               f"({self.storage_path}) never started: nothing to resume")
-        fs, _ = self._fs()
-        with fs.open_input_stream(info.path) as f:
-            raw = json.loads(f.read())
-        # Older searches kept their settings under "tune".
-        settings = raw.get("settings", raw.get("tune")) or {}
+        raw = recorded[0]
+        settings = raw.get("settings", raw.get("tune")) or {}  # older searches: "tune"
         return RunState(raw["parent_run_id"], raw.get("experiment_id", ""),
                         raw.get("tracking_uri", ""), settings)
 
     def recorded_at(self) -> float:
         """When the state file was written (seconds since the epoch; 0 when never)."""
-        info = self._state_info()
-        return info.mtime.timestamp() if info is not None and info.mtime else 0.0
+        recorded = self._recorded()
+        mtime = recorded[1].mtime if recorded is not None else None
+        return mtime.timestamp() if mtime else 0.0
 
 
 def resume_target(spec: JobSpec, search: bool, spec_stem: str) -> NamedRun:

@@ -102,6 +102,23 @@ def test_resume_with_nothing_to_resume_names_the_storage_field(tmp_path: Path):
         resume_target(spec(tmp_path), True, "job")
 
 
+def test_a_training_resume_never_picks_a_search_and_the_other_way_round(tmp_path: Path):
+    """Searches and training runs may share one storage path (runs/ray by default)."""
+    storage = str(tmp_path / "ray")
+    s = JobSpec.model_validate({"train": {"storage_path": storage},
+                                "tune": {"storage_path": storage},
+                                "tracking": {"run_name": "job-x"}})
+    search = NamedRun("job-20990101-000000", storage, search=True)
+    search.record(STATE)
+    tune_state(search)
+    train = NamedRun("job-20200101-000000", storage)
+    train.record(STATE)
+    assert not NamedRun(search.name, storage).started()
+    assert not NamedRun(train.name, storage, search=True).started()
+    assert resume_target(s, False, "job").name == train.name
+    assert resume_target(s, True, "job").name == search.name
+
+
 def test_a_search_recorded_by_an_earlier_lmforge_still_resumes(tmp_path: Path):
     run = NamedRun.of(spec(tmp_path), search=True)
     Path(run.path).mkdir(parents=True)

@@ -256,5 +256,6 @@ def test_resume_refuses_search_settings_that_tune_restore_would_ignore(tmp_path)
                 runs_dir=tmp_path / "runs", resume=True)
     assert not (tmp_path / "runs").exists()
     # A state file from before the settings were recorded: nothing to compare.
-    (tmp_path / "s" / "lmforge_run.json").write_text(json.dumps({"parent_run_id": "r"}))
+    (tmp_path / "s" / "lmforge_run.json").unlink()
+    (tmp_path / "s" / "lmforge_search.json").write_text(json.dumps({"parent_run_id": "r"}))
     check_settings_unchanged(spec(max_tokens=5000), named.state(), "s")
