@@ -91,7 +91,7 @@ def _resume(job: JobSpec, spec: Path, search: bool) -> None:
     """Point tracking.run_name at the run `--resume` continues, or exit 2 saying there is
     none (`lmforge.runs.resume_target`: the one rule for train and search alike)."""
     try:
-        job.tracking.run_name = resume_target(job, search, spec.stem).name
+        job.tracking.run_name = resume_target(job, search, spec).name
     except ResumeError as e:
         err.print(f"[bold red]cannot resume[/] {e}", highlight=False)
         raise typer.Exit(2) from None

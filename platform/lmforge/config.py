@@ -10,13 +10,14 @@ from __future__ import annotations
 import glob
 import math
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class SpecError(ValueError):
@@ -281,10 +282,24 @@ class TrackingConfig(Section):
     experiment: str = "lmforge"
     """MLflow experiment name."""
     run_name: str | None = None
-    """Name of the run (and its directory under runs/). Default: spec name + timestamp."""
+    """Name of the run (and its directory under runs/ and the storage paths): letters,
+    digits, `-`, `_` and `.`, starting with a letter or digit, at most 128 characters.
+    Default: spec name + timestamp."""
     system_metrics_interval_s: float = Field(10.0, ge=0)
     """Seconds between MLflow system-metric samples (CPU, memory, disk, network) on the
     search's parent run and every trial's run; 0 turns them off."""
+
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_a_plain_name(cls, v: str | None) -> str | None:
+        if v is not None and not RUN_NAME.fullmatch(v):
+            raise ValueError("must be letters, digits, '-', '_' or '.', start with a letter "
+                             "or digit and have at most 128 characters (it names directories)")
+        return v
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class RegistryConfig(Section):
@@ -494,8 +509,14 @@ def load(path: str | Path | None, overrides: list[str] | None = None,
 
 def default_run_name(path: str | Path | None) -> str:
     """`SPEC_STEM-YYYYmmdd-HHMMSS`: `--resume` without a name continues the newest of these."""
-    stem = Path(path).stem if path else "lmforge"
-    return f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    return f"{run_name_stem(path)}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def run_name_stem(path: str | Path | None) -> str:
+    """The spec file's name as the start of a valid run name (`jobs/my spec.yaml` ->
+    `my-spec`)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "-", Path(path).stem if path else "lmforge")
+    return stem.lstrip("-_.")[:100] or "lmforge"
 
 
 def _make_paths_absolute(spec: JobSpec) -> None:

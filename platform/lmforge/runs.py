@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
 
-from lmforge.config import JobSpec
+from lmforge.config import JobSpec, run_name_stem
 from lmforge.storage import filesystem
 
 STATE_FILE = "lmforge_run.json"
@@ -157,11 +158,12 @@ class NamedRun:
         return mtime.timestamp() if mtime else 0.0
 
 
-def resume_target(spec: JobSpec, search: bool, spec_stem: str) -> NamedRun:
+def resume_target(spec: JobSpec, search: bool, spec_path: str | Path | None) -> NamedRun:
     """The run `--resume` continues: `tracking.run_name`'s when it started, else the newest
     started run of this spec file (`SPEC_STEM-*`, the default names) under the storage path;
     ResumeError naming the storage field when there is none."""
     named = NamedRun.of(spec, search)
+    spec_stem = run_name_stem(spec_path)
     if named.started():
         return named
     fs, root = filesystem(named.storage_path, named.storage_field)

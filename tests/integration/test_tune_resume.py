@@ -69,7 +69,7 @@ def test_resume_after_killed_driver(ray_cluster, tiny_spec, tmp_path: Path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = tiny_spec(*overrides[4:])
-    assert resume_target(spec, search=True, spec_stem="tiny").name == "resumable"
+    assert resume_target(spec, search=True, spec_path=SPEC).name == "resumable"
     parent_id = MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_experiment_by_name("integration").experiment_id],
         filter_string="tags.mlflow.runName = 'resumable'")[0].info.run_id

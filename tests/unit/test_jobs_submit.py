@@ -154,8 +154,8 @@ def test_resume_if_started_continues_this_run_or_starts_it(tmp_path: Path):
     spec = load(SPEC, [f"train.storage_path={tmp_path}", "tracking.run_name=r"])
     state = RunState("parent", "0", "sqlite:///x.db")
     NamedRun("tiny-20250101-000000", str(tmp_path)).record(state)  # another run of the spec
-    assert resume_target(spec, False, SPEC.stem).name == "tiny-20250101-000000"  # --resume
+    assert resume_target(spec, False, SPEC).name == "tiny-20250101-000000"  # --resume
     run = NamedRun.of(spec, search=False)
     assert not run.started()  # but r never started: start it, do not continue the other
     run.record(state)
-    assert run.started() and resume_target(spec, False, SPEC.stem).name == "r"
+    assert run.started() and resume_target(spec, False, SPEC).name == "r"

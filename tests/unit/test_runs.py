@@ -74,7 +74,7 @@ def test_resume_takes_the_named_run_when_it_started(tmp_path: Path):
     s = spec(tmp_path)
     NamedRun("job-20990101-000000", s.train.storage_path).record(STATE)
     NamedRun.of(s, search=False).record(STATE)
-    assert resume_target(s, False, "job").name == "r"
+    assert resume_target(s, False, "jobs/job.yaml").name == "r"
 
 
 @pytest.mark.parametrize("search", [False, True])
@@ -93,13 +93,13 @@ def test_resume_otherwise_takes_the_newest_started_run_of_the_spec(tmp_path: Pat
         os.utime(Path(run.path) / STATE_FILE, (when, when))
     NamedRun("job-20990101-000000", storage, search)._fs()[0].create_dir(
         f"{storage}/job-20990101-000000")  # never started: no state
-    assert resume_target(s, search, "job").name == "job-20260101-000000"
+    assert resume_target(s, search, "jobs/job.yaml").name == "job-20260101-000000"
 
 
 def test_resume_with_nothing_to_resume_names_the_storage_field(tmp_path: Path):
     with pytest.raises(ResumeError, match=r"tune\.storage_path .*no search named 'r' or "
                                           r"job-\* to resume; start one with `lmforge tune`"):
-        resume_target(spec(tmp_path), True, "job")
+        resume_target(spec(tmp_path), True, "jobs/job.yaml")
 
 
 def test_a_training_resume_never_picks_a_search_and_the_other_way_round(tmp_path: Path):
@@ -115,8 +115,8 @@ def test_a_training_resume_never_picks_a_search_and_the_other_way_round(tmp_path
     train.record(STATE)
     assert not NamedRun(search.name, storage).started()
     assert not NamedRun(train.name, storage, search=True).started()
-    assert resume_target(s, False, "job").name == train.name
-    assert resume_target(s, True, "job").name == search.name
+    assert resume_target(s, False, "jobs/job.yaml").name == train.name
+    assert resume_target(s, True, "jobs/job.yaml").name == search.name
 
 
 def test_a_search_recorded_by_an_earlier_lmforge_still_resumes(tmp_path: Path):
@@ -128,3 +128,14 @@ def test_a_search_recorded_by_an_earlier_lmforge_still_resumes(tmp_path: Path):
     tune_state(run)
     assert run.started()
     assert run.state() == RunState("p", "1", "u", {"num_trials": 4})
+
+
+def test_run_names_are_plain_names_and_spec_files_give_one(tmp_path: Path):
+    from lmforge.config import SpecError, default_run_name, load
+
+    for bad in ("../escape", "a/b", "", "-x", "x" * 129, "tab\tname"):
+        with pytest.raises(SpecError, match="tracking.run_name: must be letters, digits"):
+            load(None, [f"tracking.run_name={bad!r}"])
+    assert load(None, ["tracking.run_name=run-1_a.b"]).tracking.run_name == "run-1_a.b"
+    name = default_run_name(tmp_path / "my spec (2).yaml")
+    assert name.startswith("my-spec--2--") and load(None, [f"tracking.run_name={name}"])
