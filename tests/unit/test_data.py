@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import datasets
 import numpy as np
 import pytest
@@ -159,6 +162,26 @@ def test_second_prepare_reuses_the_cache(tmp_path, two_docs, monkeypatch):
     assert second == first
     assert (tmp_path / "cache" / first.fingerprint / "meta.json").stat().st_mtime_ns == mtime
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.fingerprint]
+
+
+@pytest.mark.parametrize("damage", ["meta.json", "train.npy", "tokenizer", "empty"])
+def test_an_incomplete_cache_entry_is_moved_aside_and_rebuilt(tmp_path, two_docs, damage):
+    d, _, _ = two_docs
+    data = cfg(tmp_path, path=str(d))
+    first = prepare_data(data, CHAR, 16)
+    entry = Path(first.dir)
+    if damage == "empty":
+        shutil.rmtree(entry)
+        entry.mkdir()
+    elif damage == "tokenizer":
+        shutil.rmtree(entry / damage)
+    else:
+        (entry / damage).unlink()
+    second = prepare_data(data, CHAR, 16)
+    assert second == first and (entry / "meta.json").exists()
+    assert np.array_equal(np.load(second.train_path), whole_stream(first)[:first.train_tokens])
+    (aside,) = [p for p in entry.parent.iterdir() if p.name != first.fingerprint]
+    assert aside.name.startswith(f".{first.fingerprint}-incomplete-")
 
 
 def test_fingerprint_changes_with_text_and_settings(tmp_path, two_docs):

@@ -14,7 +14,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,9 +78,10 @@ def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, block_size: int) ->
     corpus = load_corpus(data)
     fp = fingerprint(corpus, data, tok_cfg)
     final = Path(data.cache_dir).resolve() / fp
-    if not (final / "meta.json").exists():
+    meta = _complete_entry(final)
+    if meta is None:
         _build(corpus, tok_cfg, data.val_fraction, final)
-    meta = json.loads((final / "meta.json").read_text())
+        meta = json.loads((final / "meta.json").read_text())
     prepared = PreparedData(fingerprint=fp, dir=str(final), **meta)
     for split, n in (("train", prepared.train_tokens), ("validation", prepared.val_tokens)):
         if n < block_size + 1:
@@ -87,6 +90,27 @@ def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, block_size: int) ->
                 f"{block_size + 1}; use a larger corpus or a smaller block_size"
             )
     return prepared
+
+
+_ENTRY_FILES = ("meta.json", "train.npy", "val.npy", "tokenizer")
+
+
+def _complete_entry(final: Path) -> dict | None:
+    """The entry's meta when every file of it is there; None when it must be built. A
+    directory that is not a complete entry (emptied, half copied, or made by hand) is moved
+    aside, never deleted or trusted, and a warning says where."""
+    if not final.exists():
+        return None
+    try:
+        if all((final / f).exists() for f in _ENTRY_FILES):
+            return json.loads((final / "meta.json").read_text())
+    except ValueError:
+        pass
+    aside = final.with_name(f".{final.name}-incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+    final.rename(aside)
+    print(f"[lmforge] warning: data cache entry {final} was incomplete; moved it to {aside} "
+          "and building it again", file=sys.stderr, flush=True)
+    return None
 
 
 def _build(corpus: datasets.Dataset, tok_cfg: TokenizerConfig, val_fraction: float,
