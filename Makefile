@@ -20,6 +20,10 @@ quickstart: install  ## data -> tune -> register -> serve one completion, on job
 test: install  ## the whole suite: unit (seconds, no Ray) then integration (real Ray, MLflow, HTTP)
 	$(BIN)/python -m pytest --durations=15 tests/unit tests/integration
 
+.PHONY: test-fast
+test-fast: install  ## unit tests plus one end-to-end job (submit: data -> train -> register -> serve), < 3 min
+	$(BIN)/python -m pytest -m "not integration or e2e_fast" tests/unit tests/integration
+
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
 

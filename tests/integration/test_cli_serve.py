@@ -19,9 +19,7 @@ from lmforge.config import ModelConfig, TokenizerConfig
 from lmforge.data import build_tokenizer
 from lmforge.model import build_model
 
-from .conftest import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from .helpers import ROOT, free_port
 
 
 def save_tiny_model(path: Path) -> None:

@@ -20,7 +20,7 @@ from lmforge.model import build_model
 from lmforge.registry import LoadedModel
 from lmforge.serve import build_app, deploy
 
-from .conftest import free_port
+from .helpers import free_port
 
 API_KEY = "test-key-123"
 

@@ -19,7 +19,7 @@ from lmforge.config import ServeConfig
 from lmforge.registry import LoadedModel
 from lmforge.serve import build_app, deploy, pin_alias
 
-from .conftest import free_port
+from .helpers import free_port, wait_until
 from .test_serve import tiny_model
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -71,14 +71,15 @@ def test_a_moved_alias_is_picked_up_without_a_failed_request(ray_cluster, tmp_pa
         for t in threads:
             t.start()
         try:
-            time.sleep(0.5)  # traffic flowing before the promotion  # noqa: ASYNC251
+            # Traffic flowing before the promotion: every client has been answered.
+            wait_until(lambda: len(statuses) >= len(threads), "traffic flowing", timeout_s=60)
             client.set_registered_model_alias("tiny-lm", "champion", "2")
             deadline = time.monotonic() + 30
-            while http.get("/v1/models").json()["data"][0]["id"] != "tiny-lm/2":
-                assert time.monotonic() < deadline, "alias move not picked up in 30 s"
-                time.sleep(0.2)
-            while models.count("tiny-lm/2") < 5 and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_until(lambda: http.get("/v1/models").json()["data"][0]["id"] == "tiny-lm/2",
+                       "alias move picked up", timeout_s=30, interval_s=0.2)
+            # Then some traffic at the new version (what is left of the 30 s, if any).
+            wait_until(lambda: models.count("tiny-lm/2") >= 5 or time.monotonic() > deadline,
+                       "requests at the new version", timeout_s=30)
         finally:
             stop.set()
             for t in threads:

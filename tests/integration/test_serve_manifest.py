@@ -20,7 +20,7 @@ from ray.serve.schema import ServeDeploySchema
 from lmforge.config import ServeConfig
 from lmforge.serve import deploy
 
-from .conftest import free_port
+from .helpers import free_port
 from .test_cli_serve import save_tiny_model
 
 MANIFEST = Path(__file__).resolve().parents[2] / "cluster" / "kuberay" / "rayservice.yaml"

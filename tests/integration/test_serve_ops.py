@@ -22,7 +22,7 @@ from lmforge.config import ServeConfig
 from lmforge.registry import LoadedModel
 from lmforge.serve import build_app, deploy
 
-from .conftest import free_port
+from .helpers import free_port, wait_until
 from .test_serve import tiny_model
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -96,12 +96,18 @@ def test_prometheus_metrics_count_requests_and_tokens_by_model_version(
     wanted = ("ray_lmforge_requests_total", "ray_lmforge_generated_tokens_total",
               "ray_lmforge_time_to_first_token_s_bucket", "ray_lmforge_tokens_per_s_bucket",
               "ray_serve_num_http_requests")  # ours beside Ray Serve's own
-    deadline, text = time.monotonic() + 60, ""
-    while time.monotonic() < deadline:  # the metrics agent exports on an interval
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if all(w in text for w in wanted):
-            break
-        time.sleep(1)
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def exported() -> str:  # the metrics agent exports on an interval
+        text = httpx.get(url, timeout=10).text
+        # This app's series, not just the names: the apps of earlier tests on the session
+        # cluster export the same names, with their own model_version.
+        ours = any(line.startswith("ray_lmforge_generated_tokens_total{")
+                   and 'model_version="slow"' in line for line in text.splitlines())
+        return text if ours and all(w in text for w in wanted) else ""
+
+    text = wait_until(exported, "this app's metrics exported", timeout_s=60, interval_s=1,
+                      detail=lambda: httpx.get(url, timeout=10).text[-3000:])
     missing = [w for w in wanted if w not in text]
     assert not missing, missing
     ours = [line for line in text.splitlines()

@@ -14,20 +14,18 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import cloudpickle
 import httpx
 import pytest
-import ray
 from ray import serve
-from ray.util.state import list_actors
 
 from lmforge.config import ServeConfig
 from lmforge.serve import build_app, deploy
 
-from .conftest import free_port
+from .helpers import free_port, replica_pids, replica_states, wait_until
 from .test_serve_ops import slow_model
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -48,28 +46,20 @@ def scaling(ray_cluster) -> Iterator[tuple[str, ServeConfig]]:
     serve.shutdown()
 
 
-def replica_states() -> dict[str, int]:
-    """The deployment's replicas by state, as Serve reports them: {"RUNNING": 2}."""
-    deployment = serve.status().applications[APP].deployments["TextGenerator"]
-    # Typed as ReplicaState keys, built from their string values: accept either.
-    return {getattr(state, "value", state): n
-            for state, n in deployment.replica_states.items() if n}
+def replicas_reach(states: dict[str, int], what: str, timeout_s: float = 300) -> None:
+    """Wait until Serve reports exactly `states`; failing when the replicas' states have
+    not changed for a minute (a replica starting on a loaded machine takes a while)."""
+    wait_until(lambda: replica_states(APP) == states, what, timeout_s=timeout_s,
+               progress=lambda: replica_states(APP), stall_s=60, interval_s=0.2,
+               detail=lambda: f"replicas: {replica_states(APP)}")
 
 
-def replica_pids() -> set[int]:
-    """PIDs of the live replica processes, from Ray's state API."""
-    actors = list_actors(address=ray.get_runtime_context().gcs_address,  # this test's cluster
-                         filters=[("class_name", "=", f"ServeReplica:{APP}:TextGenerator"),
-                                  ("state", "=", "ALIVE")])
-    return {a.pid for a in actors}
-
-
-def wait_until(done: Callable[[], bool], what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        assert time.monotonic() < deadline, f"{what}: not after {timeout_s} s " \
-                                            f"(replicas: {replica_states()})"
-        time.sleep(0.2)  # poll interval
+def answered(load: Load, since: float, n: int, what: str) -> None:
+    """Wait until `n` requests sent after `since` were answered 200; failing when no
+    request at all has been answered for 30 s."""
+    wait_until(lambda: load.answered_since(since) >= n, what, timeout_s=300,
+               progress=lambda: len(load.results), stall_s=30, interval_s=0.2,
+               detail=lambda: f"replicas: {replica_states(APP)}")
 
 
 @dataclass
@@ -111,38 +101,35 @@ class Load:
 
 def test_load_adds_a_replica_and_its_end_removes_it(scaling):
     url, cfg = scaling
-    assert replica_states() == {"RUNNING": cfg.min_replicas}
+    assert replica_states(APP) == {"RUNNING": cfg.min_replicas}
     with Load(url, CLIENTS) as load:
-        wait_until(lambda: replica_states() == {"RUNNING": cfg.max_replicas},
-                   "scaled up under load", 60)
+        replicas_reach({"RUNNING": cfg.max_replicas}, "scaled up under load")
         scaled_up = time.monotonic()
-        wait_until(lambda: load.answered_since(scaled_up) >= CLIENTS,
-                   "requests answered at 2 replicas", 30)
+        answered(load, scaled_up, CLIENTS, "requests answered at 2 replicas")
     outcomes = {outcome for _, _, outcome in load.results}
     assert outcomes == {200}, outcomes  # scaling up drops nothing
-    wait_until(lambda: replica_states() == {"RUNNING": cfg.min_replicas},
-               "scaled down after the load", 60)
+    replicas_reach({"RUNNING": cfg.min_replicas}, "scaled down after the load")
     assert httpx.post(f"{url}/v1/completions", json=BODY, timeout=30).status_code == 200
 
 
 def test_a_replica_killed_under_load_is_replaced_failing_only_its_requests(scaling):
     url, cfg = scaling
     with Load(url, CLIENTS) as load:
-        wait_until(lambda: replica_states() == {"RUNNING": cfg.max_replicas},
-                   "scaled up under load", 60)
-        pids = replica_pids()
+        replicas_reach({"RUNNING": cfg.max_replicas}, "scaled up under load")
+        pids = replica_pids(APP)
         assert len(pids) == cfg.max_replicas, pids
         victim = min(pids)
         killed = time.monotonic()
         os.kill(victim, signal.SIGKILL)  # the process, as when its node goes away
         # Back to the target (the load keeps it at max_replicas) with a new process.
-        wait_until(lambda: (replica_states() == {"RUNNING": cfg.max_replicas}
-                            and victim not in (live := replica_pids())
+        wait_until(lambda: (replica_states(APP) == {"RUNNING": cfg.max_replicas}
+                            and victim not in (live := replica_pids(APP))
                             and len(live) == cfg.max_replicas),
-                   "killed replica replaced", 60)
+                   "killed replica replaced", timeout_s=300,
+                   progress=lambda: replica_states(APP), stall_s=60, interval_s=0.2,
+                   detail=lambda: f"replicas: {replica_states(APP)}")
         recovered = time.monotonic()
-        wait_until(lambda: load.answered_since(recovered) >= 2 * CLIENTS,
-                   "requests answered after recovery", 30)
+        answered(load, recovered, 2 * CLIENTS, "requests answered after recovery")
     failed = [(start, end, outcome) for start, end, outcome in load.results
               if outcome != 200]
     # Only what the killed replica held can fail: it never holds more than

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,17 @@ from lmforge.config import load
 from lmforge.pipeline import Stages, Summary, execute
 from lmforge.tracking import RunTracker
 
-SPEC = Path(__file__).parent / "specs" / "tiny.yaml"
-ROOT = Path(__file__).resolve().parents[2]
+from .helpers import (
+    SPEC,
+    TRAIN_POLL_ENV,
+    TRAIN_POLL_S,
+    file_size,
+    lmforge,
+    own_cluster_env,
+    tree_size,
+    wait_until,
+)
+
 # Long enough that a worker or the driver is killed well before the end.
 DDP = ("train.steps=120", "train.eval_every=20")  # a checkpoint at every evaluation
 FSDP = ("train.strategy=fsdp", "train.grad_accum=2", "train.steps=150", "train.eval_every=25",
@@ -43,11 +51,9 @@ def loss_history(summary: Summary) -> list[tuple[int, float]]:
         "train_loss")
 
 
-def lmforge(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
-            ) -> subprocess.CompletedProcess:
-    env = env or {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, "-m", "lmforge", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+# A training command prints a line per step (train.log_every=1): this long without a line
+# is a stuck run, however slow the machine.
+STALL_S = 180
 
 
 def assert_resumed_exactly(summary: Summary, reference: dict[int, float], steps: int,
@@ -71,13 +77,13 @@ def summary_of(out: subprocess.CompletedProcess) -> Summary:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(ray_cluster, tmp_path_factory) -> dict[str, Any]:
+def ddp_run(ray_cluster, tmp_path_factory) -> Summary:
     tmp = tmp_path_factory.mktemp("ddp")
     return execute(load(SPEC, overrides(tmp, *DDP)), TRAIN_ONLY, runs_dir=tmp)
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(ray_cluster, tmp_path_factory) -> dict[str, Any]:
+def fsdp_run(ray_cluster, tmp_path_factory) -> Summary:
     tmp = tmp_path_factory.mktemp("fsdp")
     return execute(load(SPEC, overrides(tmp, *FSDP)), TRAIN_ONLY, runs_dir=tmp)
 
@@ -129,28 +135,44 @@ def test_two_worker_fsdp_with_accumulation_lowers_loss_and_exports(fsdp_run):
     assert out.shape[1] == len(tok("The ")["input_ids"]) + 5
 
 
-def test_killed_worker_is_replaced_and_the_run_resumes_exactly(ddp_run, tmp_path: Path):
+def test_killed_worker_is_replaced_and_the_run_resumes_exactly(ddp_run, ray_cluster: str,
+                                                               tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch):
     """Ray Train restarts the worker group from the latest checkpoint (FailureConfig) and
     the run finishes all its steps with the uninterrupted run's losses."""
     reference = dict(loss_history(ddp_run))
     spec = load(SPEC, overrides(tmp_path, *DDP, "train.max_failures=2",
                                 "tracking.run_name=interrupted"))
     storage = tmp_path / "ray" / "interrupted"
+    monkeypatch.setenv(TRAIN_POLL_ENV, TRAIN_POLL_S)  # a report every 2 s: time to kill
     outcome: dict[str, Any] = {}
     run = threading.Thread(target=lambda: outcome.update(
         summary=execute(spec, TRAIN_ONLY, runs_dir=tmp_path)))
     run.start()
+    # Progress: the run's MLflow store (a loss every step) and its storage.
+    moving = lambda: (file_size(tmp_path / "mlflow.db"), tree_size(storage))  # noqa: E731
+
+    def live_workers() -> list[int]:
+        """PIDs of this cluster's training workers, named by its address: with another Ray
+        on the machine, the State API cannot guess which one is meant."""
+        return [a.pid for a in list_actors(address=ray_cluster, filters=[
+            ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+
+    # The workers' PIDs first (a State API call can take seconds on a loaded machine), so
+    # that the kill follows the checkpoint at once.
+    workers = wait_until(lambda: live_workers() or not run.is_alive(),
+                         "training workers started", progress=moving, stall_s=STALL_S,
+                         interval_s=0.5)
     # Kill a worker once Ray Train has registered a checkpoint (its snapshot lists it; a
     # checkpoint directory alone may not be registered yet): bounded polling, not a sleep.
-    deadline = time.monotonic() + 180
-    while not (storage / "checkpoint_manager_snapshot.json").exists():
-        assert time.monotonic() < deadline and run.is_alive(), "no checkpoint registered"
-        time.sleep(0.05)
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"),
-                                   ("state", "=", "ALIVE")])
+    wait_until(lambda: (storage / "checkpoint_manager_snapshot.json").exists()
+               or not run.is_alive(), "a checkpoint registered", progress=moving,
+               stall_s=STALL_S, interval_s=0.05)
+    assert run.is_alive(), "no checkpoint registered"
     assert workers, "no live training worker to kill"
-    os.kill(workers[0].pid, signal.SIGKILL)
-    run.join(timeout=300)
+    os.kill(workers[0], signal.SIGKILL)
+    wait_until(lambda: not run.is_alive(), "the run after the kill", progress=moving,
+               stall_s=STALL_S, interval_s=0.5)
 
     assert_resumed_exactly(outcome["summary"], reference, steps=120, checkpoint_every=20)
 
@@ -160,18 +182,19 @@ def test_killed_driver_resumes_exactly_and_ignores_a_half_written_checkpoint(
     reference = dict(loss_history(fsdp_run))
     args = ["train", str(SPEC), *overrides(tmp_path, *FSDP), "tracking.run_name=resumable"]
     run_dir = tmp_path / "ray" / "resumable"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    with (tmp_path / "killed.log").open("w") as log:
+    log_path = tmp_path / "killed.log"
+    with log_path.open("w") as log:
         driver = subprocess.Popen([sys.executable, "-m", "lmforge", *args], cwd=tmp_path,
-                                  env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+                                  env=own_cluster_env(**{TRAIN_POLL_ENV: TRAIN_POLL_S}),
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        # Kill the driver once Ray Train has registered a checkpoint (its snapshot lists it).
-        deadline = time.monotonic() + 240
-        while not (run_dir / "checkpoint_manager_snapshot.json").exists():
-            assert driver.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint registered within 240 s"
-            time.sleep(0.1)
+        # Kill the driver once Ray Train has registered a checkpoint (its snapshot lists it);
+        # the driver's log growing is its progress.
+        wait_until(lambda: (run_dir / "checkpoint_manager_snapshot.json").exists()
+                   or driver.poll() is not None, "a checkpoint registered",
+                   progress=lambda: file_size(log_path), stall_s=STALL_S, interval_s=0.05,
+                   detail=lambda: log_path.read_text()[-3000:])
+        assert driver.poll() is None, log_path.read_text()[-3000:]
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
@@ -188,7 +211,8 @@ def test_killed_driver_resumes_exactly_and_ignores_a_half_written_checkpoint(
     refused = lmforge(*args, cwd=tmp_path)
     assert refused.returncode == 2 and "--resume" in refused.stderr
 
-    summary = summary_of(lmforge("train", "--resume", *args[1:], cwd=tmp_path))
+    summary = summary_of(lmforge("train", "--resume", *args[1:], cwd=tmp_path,
+                                 stall_s=STALL_S))
     assert summary.run_name == "resumable"
     assert_resumed_exactly(summary, reference, steps=150, checkpoint_every=25)
 
@@ -196,10 +220,9 @@ def test_killed_driver_resumes_exactly_and_ignores_a_half_written_checkpoint(
 def test_two_nodes_give_the_one_node_loss_curve(ddp_run, tmp_path: Path):
     """2 workers on 2 raylets (1 CPU each, so one worker per node), same spec and seed."""
     with LocalCluster.up(nodes=2, cpus_per_node=1, root=tmp_path / "cluster") as cluster:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env |= cluster.env | {"RAY_ADDRESS": cluster.address}
+        env = own_cluster_env(**cluster.env, RAY_ADDRESS=cluster.address)
         out = lmforge("train", str(SPEC), *overrides(tmp_path, *DDP, "train.cpus_per_worker=1"),
-                      cwd=tmp_path, env=env)
+                      cwd=tmp_path, env=env, stall_s=STALL_S)
     summary = summary_of(out)
     nodes = {line.split(" on node ")[1].split()[0]
              for line in out.stdout.splitlines() + out.stderr.splitlines()

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from lmforge.pipeline import Stages, execute
 from lmforge.tune import ResourceError, run_search
 
-from .conftest import free_port
+from .helpers import BIN, free_port, wait_until
 
 
 @pytest.fixture
@@ -30,24 +29,27 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
     """A real tracking server on 127.0.0.1 with a SQLite backend and proxied artifacts."""
     port = free_port()
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "server-artifacts")],
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"),  # noqa: SIM115
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:  # readiness: poll /health, bounded
+
+    def healthy() -> bool:  # readiness: poll /health, bounded
+        assert proc.poll() is None, "mlflow server exited"
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()}")
-        time.sleep(0.25)
+            return False
+
+    try:
+        wait_until(healthy, "mlflow server /health", timeout_s=90, interval_s=0.25)
+    except AssertionError as e:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"mlflow server did not start ({e}): "
+                    f"{(tmp_path / 'server.log').read_text()}")
     yield url
     os.killpg(proc.pid, signal.SIGKILL)  # the server and its workers: state is in tmp_path
     proc.wait(timeout=30)
