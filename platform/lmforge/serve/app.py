@@ -23,6 +23,7 @@ import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 
 import ray
 import torch
@@ -37,7 +38,7 @@ from starlette.datastructures import State
 
 from lmforge.config import ServeConfig
 from lmforge.registry import LoadedModel
-from lmforge.serve.engine import Engine, Stream
+from lmforge.serve.engine import Engine, Stream, run
 from lmforge.serve.generate import Delta, GenerationParams
 from lmforge.serve.playground import PLAYGROUND_HTML
 from lmforge.serve.schemas import (
@@ -76,7 +77,8 @@ async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONRespo
                             status_code=400)
     loc = [str(p) for p in err["loc"] if p != "body"]
     param = ".".join(loc) or None
-    msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+    msg = ("unknown field" if err["type"] == "extra_forbidden"
+           else err["msg"].removeprefix("Value error, "))
     return JSONResponse(error_body(f"{param}: {msg}" if param else msg, param), status_code=422)
 
 
@@ -252,13 +254,13 @@ class TextGenerator:
     async def _run(self, stream: Stream, start: float) -> AsyncIterator[Delta]:
         """One sequence's deltas; returns as soon as it finishes, whatever the batch does."""
         n_tokens = 0
-        await self._admit(stream)
-        try:
-            async for delta in stream:
+        # A client gone or timed out, even while its request is being admitted: its row
+        # is never taken, or leaves the batch at the next step (`aclosing`: at once, not
+        # whenever the generator is collected).
+        async with aclosing(run(stream, self._admit)) as deltas:
+            async for delta in deltas:
                 n_tokens += len(delta.token_ids)
                 yield delta
-        finally:  # a client gone or timed out: its row leaves the batch at the next step
-            stream.cancel()
         if n_tokens:
             tags = {"model_version": stream.loaded.name}
             self._ttft.observe(stream.first_token_at - start, tags=tags)
@@ -321,6 +323,8 @@ class TextGenerator:
                         prompt_param: str, max_tokens: int, stop: list[str], chat: bool,
                         max_tokens_param: str = "max_tokens"):  # noqa: ANN202
         # Validation before any generation work, each error naming its field.
+        if not prompt_ids:  # a tokenizer may drop everything a text holds
+            return _reject(f"{prompt_param}: the text encodes to no tokens", prompt_param)
         if max_tokens > self.max_tokens_limit:
             return _reject(f"{max_tokens_param}: at most {self.max_tokens_limit}",
                            max_tokens_param)
