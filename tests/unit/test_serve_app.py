@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
+
 from lmforge.config import load
 
 
@@ -44,3 +46,25 @@ def test_replica_resources_come_from_the_spec():
     cfg = load(None, ["serve.cpus_per_replica=2", "serve.gpus_per_replica=0.5"]).serve
     options = build_app(lambda uri: None, cfg, "models:/m/1")._bound_deployment.ray_actor_options
     assert options["num_cpus"] == 2 and options["num_gpus"] == 0.5
+
+
+@pytest.mark.parametrize(("uri", "version", "listed", "accepted"), [
+    ("models:/lm@champion", "lm/3", "lm", {"lm", "lm@champion", "lm/3"}),
+    ("models:/lm/3", "lm/3", "lm", {"lm", "lm/3"}),
+    ("models:/team.lm-v2@prod", "team.lm-v2/12", "team.lm-v2",
+     {"team.lm-v2", "team.lm-v2@prod", "team.lm-v2/12"}),
+    ("/srv/models/mini", "mini", "mini", {"mini"}),
+    ("runs:/0a1b/model", "runs:/0a1b/model", "runs:/0a1b/model", {"runs:/0a1b/model"}),
+])
+def test_a_registered_model_is_listed_and_answers_by_a_name_no_promotion_changes(
+        uri, version, listed, accepted):
+    from lmforge.serve.app import model_names
+
+    assert model_names(uri, version) == (listed, frozenset(accepted))
+
+
+def test_another_alias_or_version_of_the_same_model_is_not_served():
+    from lmforge.serve.app import model_names
+
+    _, accepted = model_names("models:/lm@champion", "lm/3")
+    assert not {"lm@candidate", "lm/2", "models:/lm@champion", "LM"} & accepted

@@ -39,6 +39,7 @@ from starlette.datastructures import State
 from lmforge.config import ServeConfig
 from lmforge.registry import LoadedModel
 from lmforge.serve.engine import Engine, Stream, run
+from lmforge.serve.follow import AliasFollower
 from lmforge.serve.generate import Delta, GenerationParams
 from lmforge.serve.playground import PLAYGROUND_HTML
 from lmforge.serve.schemas import (
@@ -164,6 +165,24 @@ def _reject(message: str, param: str | None) -> JSONResponse:
     return JSONResponse(error_body(message, param), status_code=422)
 
 
+VERSION_HEADER = "x-lmforge-model-version"
+"""Response header naming the version that answered (as the body's `model` does)."""
+
+
+def model_names(model_uri: str, version: str) -> tuple[str, frozenset[str]]:
+    """The id `/v1/models` lists for an endpoint serving `model_uri` (now answering with
+    `version`, a LoadedModel's name), and every `model` a request may name.
+
+    A registered model is listed by its name, which no promotion changes, and answers to
+    `NAME`, `NAME@ALIAS` (the alias it follows) and `NAME/VERSION` (the version serving
+    now); anything else (a directory, a run) by its one name."""
+    if not model_uri.startswith("models:/"):
+        return version, frozenset({version})
+    ref = model_uri.removeprefix("models:/")
+    name = ref.split("@", 1)[0] if "@" in ref else ref.rsplit("/", 1)[0]
+    return name, frozenset({name, version, ref})
+
+
 def pin_alias(uri: str, tracking_uri: str | None) -> str:
     """`models:/NAME@ALIAS` -> `models:/NAME/VERSION` the alias points at now; any other
     URI unchanged. Loading the pinned URI cannot race a promotion."""
@@ -183,6 +202,7 @@ class TextGenerator:
                  resolve: Callable[[str], str] | None = None) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
         self._loader, self._resolve = loader, resolve or (lambda uri: uri)
+        self._model_uri = model_uri
         self.max_tokens_limit = cfg.max_tokens_limit
         # `api` here is the app Serve runs; the middlewares read these through the scope.
         api.state.api_keys = [k.encode() for k in cfg.api_keys]
@@ -191,8 +211,8 @@ class TextGenerator:
         self._admit.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._engine = Engine(max_rows=cfg.max_batch_size)
         self._stall_s = cfg.stall_timeout_s
-        self._pinned = self._resolve(model_uri)
-        self.loaded = self._load(self._pinned)
+        pinned = self._resolve(model_uri)
+        self.loaded = self._load(pinned)
         tags = ("model_version",)
         self._requests = Counter("lmforge_requests_total", "Completions answered.",
                                  tag_keys=(*tags, "route", "stream"))
@@ -206,12 +226,14 @@ class TextGenerator:
                                boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500],
                                tag_keys=tags)
         self._stop = threading.Event()
-        if model_uri != self._pinned and cfg.alias_poll_s > 0:
+        if model_uri != pinned and cfg.alias_poll_s > 0:
             # A thread, not a task: loading is blocking work, and the event loop keeps
             # serving the old version until the new one is ready, then the swap is one
             # attribute assignment (requests already running finish on the old one).
-            threading.Thread(target=self._follow, args=(model_uri, cfg.alias_poll_s),
-                             daemon=True, name="lmforge-alias-follow").start()
+            follower = AliasFollower(model_uri, pinned, self._resolve, self._load,
+                                     self._swap, cfg.alias_poll_s)
+            threading.Thread(target=follower.run, args=(self._stop,), daemon=True,
+                             name="lmforge-alias-follow").start()
 
     def _load(self, pinned: str) -> LoadedModel:
         loaded = self._loader(pinned)
@@ -221,17 +243,8 @@ class TextGenerator:
             loaded = dataclasses.replace(loaded, name=pinned.removeprefix("models:/"))
         return loaded
 
-    def _follow(self, model_uri: str, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            try:
-                pinned = self._resolve(model_uri)
-                if pinned != self._pinned:
-                    log.info("%s moved to %s: loading it", model_uri, pinned)
-                    self.loaded, self._pinned = self._load(pinned), pinned
-                    log.info("now serving %s", self.loaded.name)
-            except Exception:  # a registry hiccup must not stop serving the current model
-                log.exception("checking %s failed; still serving %s", model_uri,
-                              self.loaded.name)
+    def _swap(self, loaded: LoadedModel, _pinned: str) -> None:
+        self.loaded = loaded
 
     async def check_health(self) -> None:
         """Serve calls this every `serve.health_check_period_s`; raising (or not answering
@@ -283,13 +296,15 @@ class TextGenerator:
         return {"status": "ready", "model": self.loaded.name}
 
     @api.get("/v1/models")
-    async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.loaded.name, "object": "model",
-                                            "created": 0, "owned_by": "lmforge"}]}
+    async def models(self) -> JSONResponse:
+        version = self.loaded.name
+        model_id, _ = model_names(self._model_uri, version)
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_id, "object": "model", "created": 0, "owned_by": "lmforge"}]},
+            headers={VERSION_HEADER: version})
 
     @api.post("/v1/completions", response_model=None)
-    async def completions(self, req: CompletionRequest
-                          ) -> CompletionResponse | JSONResponse | StreamingResponse:
+    async def completions(self, req: CompletionRequest) -> JSONResponse | StreamingResponse:
         loaded = self.loaded
         prompt_ids = loaded.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
         return await self._complete(req, loaded, prompt_ids, "prompt", req.max_tokens or 16,
@@ -297,7 +312,7 @@ class TextGenerator:
 
     @api.post("/v1/chat/completions", response_model=None)
     async def chat_completions(self, req: ChatCompletionRequest
-                               ) -> ChatCompletionResponse | JSONResponse | StreamingResponse:
+                               ) -> JSONResponse | StreamingResponse:
         loaded = self.loaded
         tok = loaded.tokenizer
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
@@ -333,10 +348,11 @@ class TextGenerator:
             return _reject(
                 f"{prompt_param}: {len(prompt_ids)} prompt tokens + {max_tokens_param} "
                 f"{max_tokens} exceed the model's context of {context} tokens", prompt_param)
-        if req.model is not None and req.model != loaded.name:
+        model_id, accepted = model_names(self._model_uri, loaded.name)
+        if req.model is not None and req.model not in accepted:
             return JSONResponse(error_body(
                 f"model: {req.model!r} is not served here; this endpoint serves "
-                f"{loaded.name!r}", "model"), status_code=404)
+                f"{model_id!r}", "model"), status_code=404)
         start = time.perf_counter()
         # n > 1: independent samples, each with its own seed (seed + i) so that a seeded
         # request stays reproducible; they batch together with everything else.
@@ -353,7 +369,8 @@ class TextGenerator:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
                 self._sse(streams, start, loaded.name, chat, usage, include_usage),
-                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", VERSION_HEADER: loaded.name})
         texts, reasons = [""] * len(streams), ["length"] * len(streams)
 
         async def collect(i: int) -> None:
@@ -364,13 +381,17 @@ class TextGenerator:
 
         await asyncio.gather(*(collect(i) for i in range(len(streams))))
         u = Usage(**usage, total_tokens=usage["prompt_tokens"] + usage["completion_tokens"])
+        body: ChatCompletionResponse | CompletionResponse
         if chat:
-            return ChatCompletionResponse(model=loaded.name, usage=u, choices=[
+            body = ChatCompletionResponse(model=loaded.name, usage=u, choices=[
                 ChatChoice(index=i, message=ChatChoiceMessage(content=t), finish_reason=r)
                 for i, (t, r) in enumerate(zip(texts, reasons, strict=True))])
-        return CompletionResponse(model=loaded.name, usage=u, choices=[
-            Choice(index=i, text=t, finish_reason=r)
-            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))])
+        else:
+            body = CompletionResponse(model=loaded.name, usage=u, choices=[
+                Choice(index=i, text=t, finish_reason=r)
+                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))])
+        return JSONResponse(body.model_dump(mode="json"),
+                            headers={VERSION_HEADER: loaded.name})
 
     async def _sse(self, streams: list[Stream], start: float, model: str, chat: bool,
                    usage: dict[str, int], include_usage: bool) -> AsyncIterator[str]:
