@@ -58,8 +58,11 @@ from lmforge.serve.schemas import (
 log = logging.getLogger("ray.serve")
 
 api = FastAPI(title="lmforge", docs_url="/docs")
+# What the middlewares read (through the scope); each replica's __init__ sets them.
 api.state.api_keys = []
 api.state.max_body_bytes = 1_000_000
+api.state.body_timeout_s = 30.0
+api.state.request_timeout_s = None
 
 # The simple chat template for base models (a tokenizer's own template wins when it has
 # one), and the stop that keeps the model from writing the user's next turn.
@@ -90,10 +93,48 @@ def _state(scope) -> State:  # noqa: ANN001
     return scope["app"].state
 
 
-class _BodyLimit:
-    """413 for a body over `serve.max_body_bytes`, before the app parses it. A pure ASGI
-    middleware: a declared Content-Length is refused unread; a chunked body is counted
-    as it arrives and refused as soon as it passes the limit."""
+class _Deadline:
+    """Ends a request still running `serve.request_timeout_s` after it reached this
+    replica: a 408 when nothing was sent yet, else the response is cut short (its rows
+    leave the batch). Serve's proxy enforces the same limit, queueing included, but any
+    client can lift that one with Serve's `x-request-timeout-seconds: 0` header; this
+    one holds whatever the client sends. Added first, so it runs last, around the app."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        limit: float | None = _state(scope).request_timeout_s if scope["type"] == "http" \
+            else None
+        if limit is None:
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message) -> None:  # noqa: ANN001
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                return await self.app(scope, receive, watched)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the app's own
+        if not started:
+            await _error(408, f"request not answered within {limit:g} s")(scope, receive, send)
+
+
+api.add_middleware(_Deadline)
+
+
+class _ReadBody:
+    """Reads the whole request body before the app sees any of it, so a request reaches
+    its handler, and the decode loop, only once its body is in: a slow sender holds no
+    decode row, and holds its replica slot at most `serve.body_timeout_s` (then 408). A
+    body over `serve.max_body_bytes` gets 413: a declared Content-Length unread, a
+    chunked one as soon as it passes the limit. A pure ASGI middleware."""
 
     def __init__(self, app) -> None:  # noqa: ANN001
         self.app = app
@@ -101,21 +142,25 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit: int = _state(scope).max_body_bytes
+        state = _state(scope)
+        limit: int = state.max_body_bytes
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _too_large(limit)(scope, receive, send)
-        if declared is not None:
-            return await self.app(scope, receive, send)
         messages, size = [], 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            size += len(message.get("body", b""))
-            if size > limit:
-                return await _too_large(limit)(scope, receive, send)
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
+        try:
+            async with asyncio.timeout(state.body_timeout_s):
+                while size <= limit:
+                    message = await receive()
+                    messages.append(message)
+                    size += len(message.get("body", b""))
+                    if message["type"] != "http.request" or not message.get("more_body"):
+                        break
+        except TimeoutError:
+            return await _error(408, f"request body not received within "
+                                     f"{state.body_timeout_s:g} s")(scope, receive, send)
+        if size > limit:
+            return await _too_large(limit)(scope, receive, send)
 
         async def replay():  # noqa: ANN202
             return messages.pop(0) if messages else await receive()
@@ -123,31 +168,47 @@ class _BodyLimit:
         return await self.app(scope, replay, send)
 
 
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(error_body(message, None), status_code=status)
+
+
 def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse(error_body(f"request body is larger than {limit} bytes", None),
-                        status_code=413)
+    return _error(413, f"request body is larger than {limit} bytes")
 
 
-api.add_middleware(_BodyLimit)
+api.add_middleware(_ReadBody)
+
+# What anyone may fetch without a key: the probes and the playground page (which asks for
+# the key itself). Paths below the app's root, whatever its route_prefix.
+OPEN_ROUTES = frozenset({"", "/", "/healthz", "/readyz"})
+
+
+def route_path(scope) -> str:  # noqa: ANN001
+    """The path the app's routes match: the request's path below its root_path (Serve's
+    route_prefix, and any root_path of a proxy in front), by Starlette's own rule."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and (path == root or path[len(root)] == "/"):
+        return path[len(root):]
+    return path
 
 
 class _RequireApiKey:
-    """With API keys configured, /v1 routes need `Authorization: Bearer KEY`. Added last
-    (so it runs first): an unauthenticated request is refused before its body is read. A
-    pure ASGI middleware, like _BodyLimit: Starlette's `@app.middleware("http")` runs every
-    response through an extra task and stream."""
+    """With API keys configured, every route but OPEN_ROUTES needs `Authorization: Bearer
+    KEY`. Added last (so it runs first): an unauthenticated request is refused before its
+    body is read. A pure ASGI middleware, like _ReadBody: Starlette's
+    `@app.middleware("http")` runs every response through an extra task and stream."""
 
     def __init__(self, app) -> None:  # noqa: ANN001
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         keys: list[bytes] = _state(scope).api_keys if scope["type"] == "http" else []
-        if keys and scope["path"].startswith("/v1"):
+        if keys and route_path(scope) not in OPEN_ROUTES:
             auth = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, key = auth.partition(b" ")
             # Compare against every key in constant time, so timing leaks nothing.
             matches = [hmac.compare_digest(key, k) for k in keys]
-            if scheme.lower() != b"bearer" or not any(matches):
+            if scheme.lower() != b"bearer" or not key or not any(matches):
                 return await _unauthorized()(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -205,8 +266,10 @@ class TextGenerator:
         self._model_uri = model_uri
         self.max_tokens_limit = cfg.max_tokens_limit
         # `api` here is the app Serve runs; the middlewares read these through the scope.
-        api.state.api_keys = [k.encode() for k in cfg.api_keys]
+        api.state.api_keys = [k.encode() for k in cfg.api_keys if k]
         api.state.max_body_bytes = cfg.max_body_bytes
+        api.state.body_timeout_s = cfg.body_timeout_s
+        api.state.request_timeout_s = cfg.request_timeout_s
         self._admit.set_max_batch_size(cfg.max_batch_size)
         self._admit.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._engine = Engine(max_rows=cfg.max_batch_size)
