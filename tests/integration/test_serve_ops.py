@@ -30,6 +30,8 @@ from .test_serve import tiny_model
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 STEP_S = 0.05  # seconds each forward pass of the slow model takes
+# Greedy, this model's answer runs all 60 tokens (3 s); sampled, it may stop at once.
+LONG = {"prompt": "the ", "max_tokens": 60, "temperature": 0}
 
 
 class Slow:
@@ -83,7 +85,7 @@ def test_overload_is_refused_at_once_with_429_and_retry_after(endpoint: httpx.Cl
 
 def test_a_request_past_the_timeout_gets_408(endpoint: httpx.Client):
     start = time.perf_counter()
-    r = endpoint.post("/v1/completions", json={"prompt": "the ", "max_tokens": 60})
+    r = endpoint.post("/v1/completions", json=LONG)
     assert r.status_code == 408, r.text
     assert time.perf_counter() - start < 60 * STEP_S  # cut at the timeout, not the end
     fine = endpoint.post("/v1/completions", json={"prompt": "the ", "max_tokens": 4})
@@ -94,8 +96,7 @@ def test_a_client_cannot_lift_the_timeout(endpoint: httpx.Client):
     """Serve's proxy drops its own timeout for a request carrying this header; the
     replica's holds."""
     start = time.perf_counter()
-    r = endpoint.post("/v1/completions", json={"prompt": "the ", "max_tokens": 60},
-                      headers={"x-request-timeout-seconds": "0"})
+    r = endpoint.post("/v1/completions", json=LONG, headers={"x-request-timeout-seconds": "0"})
     assert r.status_code == 408, r.text
     assert time.perf_counter() - start < 60 * STEP_S
 
@@ -107,9 +108,14 @@ def test_a_body_sent_too_slowly_gets_408_and_frees_the_replica(endpoint: httpx.C
         slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
                      b'{"prompt": ')  # ... and the rest never comes
-        answer = slow.recv(4096)
-    assert answer.startswith(b"HTTP/1.1 408"), answer
-    assert b"not received within 1 s" in answer
+        answer = slow.makefile("rb")
+        status = answer.readline()
+        headers = list(iter(answer.readline, b"\r\n"))  # up to the blank line
+        length = next(int(h.split(b":")[1]) for h in headers
+                      if h.lower().startswith(b"content-length:"))
+        body = answer.read(length)
+    assert status.startswith(b"HTTP/1.1 408"), status
+    assert b"not received within 1 s" in body, body
     assert time.perf_counter() - start < 5
     # The only slot is free again (max_ongoing_requests=1): a whole request goes through.
     fine = endpoint.post("/v1/completions", json={"prompt": "the ", "max_tokens": 4})

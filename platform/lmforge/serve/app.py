@@ -442,7 +442,12 @@ class TextGenerator:
                 usage["completion_tokens"] += len(d.token_ids)
                 reasons[i] = d.finish_reason or reasons[i]
 
-        await asyncio.gather(*(collect(i) for i in range(len(streams))))
+        tasks = [asyncio.ensure_future(collect(i)) for i in range(len(streams))]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # one choice failed (a 500): the others' rows leave the batch too
+            for t in tasks:
+                t.cancel()
         u = Usage(**usage, total_tokens=usage["prompt_tokens"] + usage["completion_tokens"])
         body: ChatCompletionResponse | CompletionResponse
         if chat:
