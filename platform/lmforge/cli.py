@@ -53,7 +53,14 @@ def _execute(spec: JobSpec, search: bool, register: bool, serve_check: bool,
     import ray
 
     from lmforge.pipeline import Stages, execute
+    from lmforge.serve import with_secrets
 
+    if serve_check:  # its API keys are read at the end of the run: check them first
+        try:
+            with_secrets(spec.serve)
+        except ValueError as e:
+            err.print(f"[bold red]cannot serve[/] {e}", highlight=False, markup=True)
+            raise typer.Exit(2) from None
     try:
         summary = execute(spec, Stages(search=search, register=register,
                                        serve_check=serve_check), resume=resume)
@@ -244,9 +251,14 @@ def serve(
 
     job = _load(spec, overrides)
     tracking_uri = resolve_tracking_uri(job.tracking, Path("runs"))
+    try:  # before Ray starts: a bad $LMFORGE_API_KEYS exits 2, naming it
+        # models:/NAME@ALIAS is pinned to its version at start, and followed as it moves.
+        serving = serving_app(model_uri, job.serve, tracking_uri)
+    except ValueError as e:
+        err.print(f"[bold red]cannot serve[/] {e}", highlight=False, markup=True)
+        raise typer.Exit(2) from None
     init_ray()
-    # models:/NAME@ALIAS is pinned to its version at start, and followed as it moves.
-    url = deploy(serving_app(model_uri, job.serve, tracking_uri), job.serve)
+    url = deploy(serving, job.serve)
     err.print(f"Serving [bold]{model_uri}[/] at {url}/v1 (playground: {url}/; Ctrl-C stops)")
     print(json.dumps({"url": url, "model_uri": model_uri}), flush=True)
     # Ctrl-C, `kill`, systemd and Kubernetes all mean "stop": handle both signals

@@ -17,7 +17,14 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class SpecError(ValueError):
@@ -322,6 +329,18 @@ class RegistryConfig(Section):
     gate scores both versions on."""
 
 
+def check_api_keys(keys: list[str]) -> None:
+    """ValueError for a key no request could present (`Bearer ` with nothing after it
+    would match an empty one; HTTP strips a header's surrounding whitespace). The
+    message names the entry's position, never a key."""
+    for i, key in enumerate(keys):
+        if not key or key != key.strip():
+            raise ValueError(f"entry {i + 1} is "
+                             f"{'empty' if not key.strip() else 'padded with whitespace'}; "
+                             "every API key must be non-empty, without surrounding "
+                             "whitespace")
+
+
 class ServeConfig(Section):
     enabled: bool = True
     """In `lmforge run`: deploy the registered model, send one completion, shut down."""
@@ -352,8 +371,14 @@ class ServeConfig(Section):
     """HTTP status of a request refused because the queue is full."""
     retry_after_s: float | None = Field(1.0, ge=0)
     """`Retry-After` seconds sent with a refused request; unset: no header."""
-    request_timeout_s: float | None = Field(None, gt=0)
-    """End-to-end limit for one HTTP request, queueing included; past it the answer is 408."""
+    request_timeout_s: float | None = Field(300.0, gt=0)
+    """End-to-end limit for one HTTP request, queueing and a streamed answer included;
+    past it the answer is 408 (a stream already under way is cut short). Each replica
+    holds it too, so a client cannot lift it. Unset (null): no limit."""
+    body_timeout_s: float = Field(30.0, gt=0)
+    """Longest a client may take to send its request body; past it the answer is 408. A
+    request reaches the model only with its whole body, so a slow sender holds no decode
+    row, and one of a replica's `max_ongoing_requests` at most this long."""
     max_body_bytes: int = Field(1_000_000, ge=1)
     """Largest request body accepted; a larger one gets 413."""
     health_check_period_s: float = Field(10.0, gt=0)
@@ -367,7 +392,9 @@ class ServeConfig(Section):
     alias_poll_s: float = Field(10.0, ge=0)
     """Serving `models:/NAME@ALIAS`: how often each replica checks whether the alias
     moved, and if so loads the new version and sends new requests to it (requests already
-    running finish on the old one). 0: never."""
+    running finish on the old one). A version that fails to load is tried again after a
+    wait doubling from this up to 10 minutes, the current version serving meanwhile.
+    0: never."""
     max_batch_size: int = Field(8, ge=1)
     """Most sequences a replica decodes together. Batching is continuous: a request
     joins the running batch at the next token while a row is free."""
@@ -383,10 +410,18 @@ class ServeConfig(Section):
     """GPUs reserved for each replica (fractions share one). A replica given a GPU decodes
     on it; without one it decodes on its CPUs."""
     api_keys: list[str] = Field(default_factory=list, exclude=True, repr=False)
-    """Bearer keys for the /v1 routes; empty: no auth. With keys, a request without
-    `Authorization: Bearer KEY` gets 401; /healthz stays open. The `lmforge` command adds
-    keys from $LMFORGE_API_KEYS (comma-separated). A secret: never dumped, so never in
-    MLflow params, registry tags or `validate` output."""
+    """Bearer keys for the endpoint; empty list: no auth. With keys, a request without
+    `Authorization: Bearer KEY` gets 401 on every route but /healthz, /readyz and the
+    playground page (/). Each key must be non-empty, without leading or trailing
+    whitespace. Keys from $LMFORGE_API_KEYS (comma-separated) are added wherever the
+    serving app is built. A secret: never dumped, so never in MLflow params, registry
+    tags or `validate` output."""
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_usable(cls, keys: list[str]) -> list[str]:
+        check_api_keys(keys)
+        return keys
 
     @model_validator(mode="after")
     def _bounds_ordered(self) -> ServeConfig:

@@ -4,6 +4,7 @@ back for serving (safetensors only)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import json
 import tempfile
@@ -135,7 +136,8 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
-    """What `/v1/models` calls it: the registered name and version, or the directory name."""
+    """Which version this is: `NAME/VERSION` of a registered model, or the directory
+    name; every response the endpoint gives with it reports it."""
 
 
 def load_model(uri: str, tracking_uri: str | None = None, dst: str | None = None
@@ -143,7 +145,9 @@ def load_model(uri: str, tracking_uri: str | None = None, dst: str | None = None
     """Load `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/...` or a local HF directory.
 
     Weights load from safetensors only (`use_safetensors=True` refuses pickle files).
-    Artifacts are downloaded under `dst` (default: a new temporary directory).
+    Artifacts are downloaded under `dst`; by default into a temporary directory that is
+    removed once the model is loaded, whether or not that succeeded (a serving replica
+    loads every version its alias moves to: each left behind would be a full copy).
     """
     if "://" not in uri and ":/" not in uri:
         path = Path(uri)
@@ -159,10 +163,15 @@ def load_model(uri: str, tracking_uri: str | None = None, dst: str | None = None
         model_name, alias = uri.removeprefix("models:/").split("@", 1)
         version = MlflowClient(tracking_uri).get_model_version_by_alias(model_name, alias)
         name = f"{model_name}/{version.version}"
-    dst = dst or tempfile.mkdtemp(prefix="lmforge-model-")
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
-    # The transformers flavor keeps weights in model/ and the tokenizer in components/.
-    return LoadedModel(*_load_dir(local / "model", local / "components" / "tokenizer"), name=name)
+        uri = f"models:/{name}"  # download the version named, whatever the alias does next
+    # Removing the temporary copy is safe once loaded: the weights the model maps from it
+    # (safetensors) stay readable until the model is dropped, which frees the space.
+    with (tempfile.TemporaryDirectory(prefix="lmforge-model-") if dst is None
+          else contextlib.nullcontext(dst)) as where:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=where))
+        # The transformers flavor keeps weights in model/ and the tokenizer in components/.
+        return LoadedModel(*_load_dir(local / "model", local / "components" / "tokenizer"),
+                           name=name)
 
 
 def _load_dir(model_dir: Path, tokenizer_dir: Path) -> tuple[PreTrainedModel,

@@ -71,7 +71,11 @@ def test_completion_has_openai_shape(endpoint: httpx.Client):
 def test_health_and_models(endpoint: httpx.Client):
     assert endpoint.get("/healthz").json()["status"] == "ok"
     assert endpoint.get("/readyz").json()["status"] == "ready"
-    assert endpoint.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    models = endpoint.get("/v1/models")
+    assert models.json()["data"][0]["id"] == "tiny"
+    assert models.headers["x-lmforge-model-version"] == "tiny"
+    r = endpoint.post("/v1/completions", json={"prompt": "the ", "max_tokens": 2})
+    assert r.headers["x-lmforge-model-version"] == r.json()["model"] == "tiny"
 
 
 @pytest.mark.parametrize(("body", "param"), [
@@ -83,9 +87,25 @@ def test_health_and_models(endpoint: httpx.Client):
     ({"prompt": "the" * 30, "max_tokens": 10}, "prompt"),
     ({"max_tokens": 4}, "prompt"),
     ({"prompt": "the", "best_of": 3}, "best_of"),
+    ({"prompt": "the", "seed": 2**64 - 1}, "seed"),  # seed + i would pass torch's range
+    ({"prompt": "the", "top_k": 10**7}, "top_k"),
+    ({"prompt": "the", "stop": "x" * 300}, "stop"),
 ])
 def test_bad_requests_get_422_naming_the_field(endpoint: httpx.Client, body, param):
     r = endpoint.post("/v1/completions", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(("route", "body", "param"), [
+    ("/v1/completions", b'{"prompt": "the \\ud800"}', "prompt"),
+    ("/v1/completions", b'{"prompt": "the", "stop": ["\\udc00"]}', "stop"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+     "messages.0.content"),
+])
+def test_text_that_is_not_valid_unicode_gets_422_naming_the_field(endpoint: httpx.Client,
+                                                                   route, body, param):
+    r = endpoint.post(route, content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     assert r.json()["error"]["param"] == param
 
@@ -98,7 +118,7 @@ def test_malformed_json_gets_400(endpoint: httpx.Client):
 
 
 @pytest.mark.parametrize("auth", [None, "Bearer wrong-key", f"Basic {API_KEY}"])
-def test_v1_routes_need_a_valid_api_key(endpoint: httpx.Client, auth):
+def test_routes_need_a_valid_api_key(endpoint: httpx.Client, auth):
     headers = {"Authorization": auth} if auth else {}
     with httpx.Client(base_url=str(endpoint.base_url), timeout=60, headers=headers) as anon:
         for r in (anon.post("/v1/completions", json={"prompt": "the", "max_tokens": -1}),
@@ -106,7 +126,10 @@ def test_v1_routes_need_a_valid_api_key(endpoint: httpx.Client, auth):
             # 401 before validation: a bad body from a stranger learns nothing about the API.
             assert r.status_code == 401, r.text
             assert r.json()["error"]["code"] == "invalid_api_key"
-        assert anon.get("/healthz").status_code == 200  # health stays open
+        for path in ("/docs", "/openapi.json"):  # not only /v1
+            assert anon.get(path).status_code == 401
+        for path in ("/healthz", "/readyz", "/"):  # the probes and the playground stay open
+            assert anon.get(path).status_code == 200
 
 
 def test_any_configured_key_is_accepted(endpoint: httpx.Client):

@@ -1,6 +1,7 @@
 """`models:/NAME@champion` is pinned at start and followed: when the alias moves in a real
-MLflow registry, the replica switches to the new version with no failed request, and
-`/v1/models` names the version serving."""
+MLflow registry, the replica switches to the new version with no failed request; clients
+name the model by its registered name throughout, and each response names the version
+that answered."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from pathlib import Path
 
 import cloudpickle
 import httpx
+import openai
 from mlflow.tracking import MlflowClient
 from ray import serve
 
 from lmforge.config import ServeConfig
 from lmforge.registry import LoadedModel
 from lmforge.serve import build_app, deploy, pin_alias
+from lmforge.serve.app import VERSION_HEADER
 
 from .helpers import free_port, wait_until
 from .test_serve import tiny_model
@@ -38,6 +41,9 @@ def versioned_model(uri: str) -> LoadedModel:
 
 
 def test_a_moved_alias_is_picked_up_without_a_failed_request(ray_cluster, tmp_path: Path):
+    """The official `openai` client names the model as a user would (the registered name,
+    or the alias) and keeps working across a promotion, with no retries and no change:
+    each response reports the version that answered."""
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking)
     client.create_registered_model("tiny-lm")
@@ -52,41 +58,56 @@ def test_a_moved_alias_is_picked_up_without_a_failed_request(ray_cluster, tmp_pa
     url = deploy(app, cfg, name="test-serve-alias")
     try:
         http = httpx.Client(base_url=url, timeout=30)
-        assert http.get("/v1/models").json()["data"][0]["id"] == "tiny-lm/1"
+
+        def serving() -> str:
+            r = http.get("/v1/models")
+            assert [m["id"] for m in r.json()["data"]] == ["tiny-lm"]  # stable
+            return r.headers[VERSION_HEADER]
+
+        assert serving() == "tiny-lm/1"
         body = {"prompt": "the ", "max_tokens": 8, "temperature": 0}
         v1_text = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
 
-        statuses: list[int] = []
-        models: list[str] = []
+        answers: list[tuple[str, str]] = []  # (body's model, header's version)
+        failures: list[BaseException] = []
         stop = threading.Event()
 
-        def load() -> None:  # steady traffic across the switch
-            with httpx.Client(base_url=url, timeout=30) as c:
-                while not stop.is_set():
-                    r = c.post("/v1/completions", json=body)
-                    statuses.append(r.status_code)
-                    models.append(r.json().get("model", "") if r.status_code == 200 else "")
+        def load(model: str) -> None:  # steady traffic across the switch, no retries
+            oai = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                timeout=30)
+            while not stop.is_set():
+                try:
+                    raw = oai.completions.with_raw_response.create(model=model, **body)
+                    answers.append((raw.parse().model, raw.headers[VERSION_HEADER]))
+                except Exception as e:
+                    failures.append(e)
 
-        threads = [threading.Thread(target=load) for _ in range(3)]
+        threads = [threading.Thread(target=load, args=(m,))
+                   for m in ("tiny-lm", "tiny-lm", "tiny-lm@champion")]
         for t in threads:
             t.start()
         try:
             # Traffic flowing before the promotion: every client has been answered.
-            wait_until(lambda: len(statuses) >= len(threads), "traffic flowing", timeout_s=60)
+            wait_until(lambda: len(answers) >= len(threads), "traffic flowing", timeout_s=60)
             client.set_registered_model_alias("tiny-lm", "champion", "2")
             deadline = time.monotonic() + 30
-            wait_until(lambda: http.get("/v1/models").json()["data"][0]["id"] == "tiny-lm/2",
-                       "alias move picked up", timeout_s=30, interval_s=0.2)
+            wait_until(lambda: serving() == "tiny-lm/2", "alias move picked up",
+                       timeout_s=30, interval_s=0.2)
             # Then some traffic at the new version (what is left of the 30 s, if any).
-            wait_until(lambda: models.count("tiny-lm/2") >= 5 or time.monotonic() > deadline,
-                       "requests at the new version", timeout_s=30)
+            wait_until(lambda: [v for _, v in answers].count("tiny-lm/2") >= 5
+                       or time.monotonic() > deadline, "requests at the new version",
+                       timeout_s=30)
         finally:
             stop.set()
             for t in threads:
                 t.join()
-        assert statuses and set(statuses) == {200}, statuses  # zero failed requests
-        assert "tiny-lm/1" in models and models[-1] == "tiny-lm/2"
-        v2 = http.post("/v1/completions", json=body).json()
-        assert v2["model"] == "tiny-lm/2" and v2["choices"][0]["text"] != v1_text
+        assert answers and not failures, failures[:3]  # zero failed requests
+        assert all(model == version for model, version in answers)
+        versions = [v for _, v in answers]
+        assert "tiny-lm/1" in versions and versions[-1] == "tiny-lm/2"
+        v2 = http.post("/v1/completions", json={**body, "model": "tiny-lm/2"})
+        assert v2.json()["model"] == "tiny-lm/2" and v2.json()["choices"][0]["text"] != v1_text
+        gone = http.post("/v1/completions", json={**body, "model": "tiny-lm/1"})
+        assert gone.status_code == 404 and "'tiny-lm'" in gone.json()["error"]["message"]
     finally:
         serve.shutdown()

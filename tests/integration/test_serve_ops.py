@@ -1,5 +1,6 @@
 """Operating the endpoint: overload is refused at once (429 + Retry-After), a slow request
-times out with 408, and the Prometheus metrics count requests and tokens by model version.
+times out with 408 (whatever its headers say), so does a body sent too slowly, and the
+Prometheus metrics count requests and tokens by model version.
 
 A deliberately slow tiny model (each forward pass sleeps) makes the limits reachable with
 a handful of requests; one Serve app (one replica, batch size 1, one request in flight,
@@ -8,6 +9,7 @@ one queued) serves the whole module.
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +30,8 @@ from .test_serve import tiny_model
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 STEP_S = 0.05  # seconds each forward pass of the slow model takes
+# Greedy, this model's answer runs all 60 tokens (3 s); sampled, it may stop at once.
+LONG = {"prompt": "the ", "max_tokens": 60, "temperature": 0}
 
 
 class Slow:
@@ -53,7 +57,8 @@ def slow_model(uri: str) -> LoadedModel:
 def endpoint(ray_cluster):
     cfg = ServeConfig(port=free_port(), max_batch_size=1, max_tokens_limit=60,
                       cpus_per_replica=0.5, max_ongoing_requests=1, max_queued_requests=1,
-                      backpressure_status=429, retry_after_s=2, request_timeout_s=2.0)
+                      backpressure_status=429, retry_after_s=2, request_timeout_s=2.0,
+                      body_timeout_s=1.0)
     url = deploy(build_app(slow_model, cfg, "slow"), cfg, name="test-serve-ops")
     with httpx.Client(base_url=url, timeout=30) as client:
         yield client
@@ -80,11 +85,41 @@ def test_overload_is_refused_at_once_with_429_and_retry_after(endpoint: httpx.Cl
 
 def test_a_request_past_the_timeout_gets_408(endpoint: httpx.Client):
     start = time.perf_counter()
-    r = endpoint.post("/v1/completions", json={"prompt": "the ", "max_tokens": 60})
+    r = endpoint.post("/v1/completions", json=LONG)
     assert r.status_code == 408, r.text
     assert time.perf_counter() - start < 60 * STEP_S  # cut at the timeout, not the end
     fine = endpoint.post("/v1/completions", json={"prompt": "the ", "max_tokens": 4})
     assert fine.status_code == 200  # the replica is not stuck after a timeout
+
+
+def test_a_client_cannot_lift_the_timeout(endpoint: httpx.Client):
+    """Serve's proxy drops its own timeout for a request carrying this header; the
+    replica's holds."""
+    start = time.perf_counter()
+    r = endpoint.post("/v1/completions", json=LONG, headers={"x-request-timeout-seconds": "0"})
+    assert r.status_code == 408, r.text
+    assert time.perf_counter() - start < 60 * STEP_S
+
+
+def test_a_body_sent_too_slowly_gets_408_and_frees_the_replica(endpoint: httpx.Client):
+    host, port = endpoint.base_url.host, endpoint.base_url.port
+    start = time.perf_counter()
+    with socket.create_connection((host, port), timeout=30) as slow:
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                     b'{"prompt": ')  # ... and the rest never comes
+        answer = slow.makefile("rb")
+        status = answer.readline()
+        headers = list(iter(answer.readline, b"\r\n"))  # up to the blank line
+        length = next(int(h.split(b":")[1]) for h in headers
+                      if h.lower().startswith(b"content-length:"))
+        body = answer.read(length)
+    assert status.startswith(b"HTTP/1.1 408"), status
+    assert b"not received within 1 s" in body, body
+    assert time.perf_counter() - start < 5
+    # The only slot is free again (max_ongoing_requests=1): a whole request goes through.
+    fine = endpoint.post("/v1/completions", json={"prompt": "the ", "max_tokens": 4})
+    assert fine.status_code == 200
 
 
 def test_prometheus_metrics_count_requests_and_tokens_by_model_version(

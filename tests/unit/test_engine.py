@@ -153,3 +153,133 @@ def test_health_reports_a_dead_decode_thread(loaded, monkeypatch):
         return engine.health(stall_s=60)
 
     assert asyncio.run(main()) == "the decode thread has died"
+
+
+# --- one request cannot hurt another ----------------------------------------------------
+
+
+def outcomes(loaded: LoadedModel, requests: list[GenerationParams], max_rows: int = 8
+             ) -> list[list[int] | Exception]:
+    """Decode `requests` submitted together; each one's tokens, or the error it got."""
+
+    async def one(stream: Stream) -> list[int] | Exception:
+        try:
+            return await collect(stream)
+        except Exception as e:
+            return e
+
+    async def main() -> list[list[int] | Exception]:
+        engine = Engine(max_rows=max_rows)
+        streams = [Stream(loaded, r) for r in requests]
+        engine.submit(streams)
+        try:
+            return await asyncio.gather(*(one(s) for s in streams))
+        finally:
+            engine.close()
+
+    return asyncio.run(main())
+
+
+def sampled(tok, prompt: str, seed: int, max_tokens: int = 20, **settings) -> GenerationParams:
+    return GenerationParams(prompt_ids=tok.encode(prompt, add_special_tokens=False),
+                            max_tokens=max_tokens, temperature=1.0, seed=seed, **settings)
+
+
+def test_a_request_that_cannot_be_admitted_fails_alone(loaded):
+    """A seed torch refuses and a prompt the model cannot embed, admitted together with
+    good requests: those two fail, the others get the tokens they get without them."""
+    tok = loaded.tokenizer
+    good = [sampled(tok, "the", 1), sampled(tok, "quick brown", 2),
+            params(tok, "a", max_tokens=15)]
+    bad_seed = sampled(tok, "the", 2**70)
+    bad_prompt = GenerationParams(prompt_ids=[10**6], max_tokens=5)
+    clean = outcomes(loaded, good)
+    assert all(isinstance(t, list) and t for t in clean)
+    got = outcomes(loaded, [good[0], bad_seed, good[1], bad_prompt, good[2]])
+    assert isinstance(got[1], (ValueError, RuntimeError)) and isinstance(got[3], IndexError)
+    assert [got[0], got[2], got[4]] == clean
+
+
+def test_a_request_whose_sampling_fails_mid_decode_fails_alone(loaded, monkeypatch):
+    """A row whose sampling raises at its third token leaves with that error; the rows
+    it was batched with (sampled one by one that step) finish as without it."""
+    from lmforge.serve import generate
+
+    tok = loaded.tokenizer
+    poison_seed, samplings, real = 666, [], generate._sample
+
+    def sample(logits, params, gens):  # noqa: ANN001, ANN202
+        if any(p.seed == poison_seed for p in params):
+            samplings.append(len(params))
+            if len(samplings) >= 3:
+                raise RuntimeError("this row cannot be sampled")
+        return real(logits, params, gens)
+
+    good = [sampled(tok, "the", 1), sampled(tok, "quick brown", 2, top_k=3),
+            params(tok, "a", max_tokens=15)]
+    clean = outcomes(loaded, good)
+    monkeypatch.setattr(generate, "_sample", sample)
+    got = outcomes(loaded, [*good[:2], sampled(tok, "fox", poison_seed), good[2]])
+    assert isinstance(got[2], RuntimeError) and samplings[:3] == [4, 4, 4]
+    assert [got[0], got[1], got[3]] == clean
+
+
+def test_a_top_k_larger_than_the_vocabulary_cuts_nothing_beside_a_small_one(loaded):
+    tok = loaded.tokenizer
+    huge, small = sampled(tok, "the", 5, top_k=2**70), sampled(tok, "quick", 6, top_k=2)
+    got = outcomes(loaded, [huge, small])
+    assert got[0] == outcomes(loaded, [sampled(tok, "the", 5)])[0]
+    assert got[1] == outcomes(loaded, [small])[0]
+
+
+def test_a_request_cancelled_while_queued_never_starts_decoding(loaded):
+    """Its caller cancelled while it waits in the engine's queue (every row taken), or
+    during its admission (after the hand-over, before the caller resumed): either way
+    its prompt never reaches the model."""
+    from lmforge.serve.engine import run
+
+    seen = CountPrompts(loaded.model)
+    counted = LoadedModel(seen, loaded.tokenizer, "counted")
+    tok = loaded.tokenizer
+
+    async def main() -> tuple[Stream, Stream, list[int]]:
+        engine = Engine(max_rows=1)
+        busy = Stream(counted, params(tok, "the", 25))
+        queued, handed = (Stream(counted, params(tok, p, 5)) for p in ("quick", "brown fox"))
+        engine.submit([busy])
+
+        async def admit(stream: Stream) -> None:
+            engine.submit([stream])
+            if stream is handed:
+                await asyncio.sleep(3600)  # cancelled here, after the hand-over
+
+        async def consume(stream: Stream) -> None:
+            async for _ in run(stream, admit):
+                pass
+
+        tasks = [asyncio.create_task(consume(s)) for s in (queued, handed)]
+        await asyncio.sleep(0.01)
+        for t in tasks:
+            t.cancel()
+        tokens = await collect(busy)
+        while engine._waiting or engine.running:
+            await asyncio.sleep(0.01)
+        engine.close()
+        return queued, handed, tokens
+
+    queued, handed, tokens = asyncio.run(main())
+    assert len(tokens) == 25
+    assert queued.first_token_at is None and handed.first_token_at is None
+    assert seen.widths == {len("the"), 1}  # only the busy prompt was prefilled
+
+
+class CountPrompts(torch.nn.Module):
+    """Records the width of every forward pass (a prefill's is its longest prompt)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.widths = inner, set()
+
+    def forward(self, **kwargs):  # noqa: ANN003, ANN201
+        self.widths.add(kwargs["input_ids"].shape[1])
+        return self.inner(**kwargs)

@@ -8,7 +8,17 @@ from pydantic import ValidationError
 
 from lmforge.data.tokenizer import EOS
 from lmforge.serve.generate import Decoder, GenerationParams, decode_stream, generate_batch
-from lmforge.serve.schemas import CompletionRequest, CompletionResponse, error_body
+from lmforge.serve.schemas import (
+    MAX_N,
+    MAX_SEED,
+    MAX_STOP_CHARS,
+    MAX_TOP_K,
+    MIN_SEED,
+    ChatCompletionRequest,
+    CompletionRequest,
+    CompletionResponse,
+    error_body,
+)
 
 PROMPTS = ["the", "quick brown fox jumps", "a", "def f_1(x):\n    return"]
 
@@ -160,6 +170,15 @@ def test_streamed_text_never_shows_part_of_a_stop_sequence(gen, request_for, tin
     assert shown == full[: full.index(stop)]
 
 
+def test_a_top_k_over_the_vocabulary_is_no_cut_even_beside_a_small_one(gen, request_for):
+    plain = gen(request_for("the", temperature=1.0, seed=3))[0]
+    small = request_for("a", temperature=1.0, top_k=2, seed=4)
+    for huge in (10**4, MAX_TOP_K, 2**64):  # the char vocabulary has ~50 tokens
+        out = gen(request_for("the", temperature=1.0, top_k=huge, seed=3), small)
+        assert out[0].token_ids == plain.token_ids
+        assert out[1].token_ids == gen(small)[0].token_ids
+
+
 def test_top_k_one_is_greedy_and_top_k_limits_choices(gen, request_for):
     greedy = gen(request_for("the", temperature=0))[0]
     for seed in range(3):
@@ -178,14 +197,35 @@ def test_top_k_one_is_greedy_and_top_k_limits_choices(gen, request_for):
 @pytest.mark.parametrize(("field", "value"), [
     ("max_tokens", -1), ("max_tokens", 0), ("temperature", 3), ("temperature", -0.1),
     ("top_p", 0), ("top_p", 1.5), ("n", 0), ("n", 9), ("stream", "yes"), ("prompt", ""),
-    ("top_k", -1),
+    ("top_k", -1), ("top_k", MAX_TOP_K + 1), ("top_k", 2**64),
+    ("seed", MAX_SEED + 1), ("seed", MIN_SEED - 1), ("seed", 2**64),
     ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]), ("best_of", 2),
+    ("stop", "x" * (MAX_STOP_CHARS + 1)),
+    # JSON's "\ud800" decodes to a lone surrogate, which no tokenizer can take.
+    ("prompt", "\ud800"), ("prompt", "ok \udfff"), ("stop", ["\n", "\ud800"]),
+    ("stop", "\udc00"), ("user", "\ud800"), ("model", "m\ud800"),
 ])
 def test_completion_request_rejects_bad_field(field, value):
     body = {"prompt": "hello", field: value}
     with pytest.raises(ValidationError) as info:
         CompletionRequest.model_validate(body)
     assert [e["loc"][0] for e in info.value.errors()] == [field]
+
+
+def test_chat_message_text_must_be_valid_unicode():
+    for message in ({"role": "user", "content": "hi \ud800"},
+                    {"role": "user", "content": "hi", "name": "\udc00"}):
+        with pytest.raises(ValidationError) as info:
+            ChatCompletionRequest.model_validate({"messages": [message]})
+        assert info.value.errors()[0]["loc"][:2] == ("messages", 0)
+    ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "é 😀"}]})
+
+
+def test_every_seed_accepted_is_one_torch_takes_for_each_of_n_choices():
+    for seed in (MIN_SEED, MAX_SEED):
+        req = CompletionRequest.model_validate({"prompt": "hi", "seed": seed, "n": MAX_N})
+        for i in range(req.n):  # choice i samples with seed + i
+            torch.Generator().manual_seed(req.seed + i)
 
 
 def test_completion_request_defaults_and_stop_list():

@@ -1,11 +1,16 @@
-"""registry.set_alias: a collision on the alias's unique key is retried, anything else raised."""
+"""registry.set_alias: a collision on the alias's unique key is retried, anything else
+raised; load_model leaves no downloaded copy behind."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
+import torch
 from mlflow.exceptions import MlflowException
 
-from lmforge.registry import set_alias
+from lmforge.registry import load_model, set_alias
 
 
 class FlakyClient:
@@ -39,3 +44,45 @@ def test_other_errors_are_not_retried():
     with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
         set_alias(client, "m", "candidate", 7)
     assert len(client.calls) == 1
+
+
+# --- load_model leaves no copy behind ----------------------------------------------------
+
+
+@pytest.fixture
+def artifact(tiny_model, char_tok, tmp_path: Path) -> Path:
+    """A model laid out as MLflow's transformers flavor stores it."""
+    root = tmp_path / "artifact"
+    tiny_model.save_pretrained(root / "model")
+    char_tok.save_pretrained(root / "components" / "tokenizer")
+    return root
+
+
+@pytest.fixture
+def tmpdir_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The directory `tempfile` creates its directories in, for this test."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+def test_the_downloaded_copy_is_removed_once_the_model_is_loaded(artifact, tmpdir_root,
+                                                                 tiny_model):
+    loaded = load_model(artifact.as_uri())
+    assert list(tmpdir_root.iterdir()) == []
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():  # the weights outlive their files
+        assert torch.equal(loaded.model(input_ids=ids).logits, tiny_model(input_ids=ids).logits)
+
+
+def test_the_downloaded_copy_is_removed_when_the_load_fails(artifact, tmpdir_root):
+    (artifact / "model" / "config.json").write_text("{not json")
+    with pytest.raises(OSError, match="not a valid JSON file"):
+        load_model(artifact.as_uri())
+    assert list(tmpdir_root.iterdir()) == []
+
+
+def test_a_given_destination_keeps_the_copy(artifact, tmp_path):
+    load_model(artifact.as_uri(), dst=str(tmp_path / "keep"))
+    assert (tmp_path / "keep" / "artifact" / "model" / "config.json").exists()

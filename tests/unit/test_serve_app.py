@@ -1,8 +1,13 @@
 """The spec's serve section becomes the deployment's Serve options (no Ray started)."""
 
-from __future__ import annotations
 
+import asyncio
+import json
+import time
 import warnings
+
+import httpx
+import pytest
 
 from lmforge.config import load
 
@@ -44,3 +49,210 @@ def test_replica_resources_come_from_the_spec():
     cfg = load(None, ["serve.cpus_per_replica=2", "serve.gpus_per_replica=0.5"]).serve
     options = build_app(lambda uri: None, cfg, "models:/m/1")._bound_deployment.ray_actor_options
     assert options["num_cpus"] == 2 and options["num_gpus"] == 0.5
+
+
+@pytest.mark.parametrize(("uri", "version", "listed", "accepted"), [
+    ("models:/lm@champion", "lm/3", "lm", {"lm", "lm@champion", "lm/3"}),
+    ("models:/lm/3", "lm/3", "lm", {"lm", "lm/3"}),
+    ("models:/team.lm-v2@prod", "team.lm-v2/12", "team.lm-v2",
+     {"team.lm-v2", "team.lm-v2@prod", "team.lm-v2/12"}),
+    ("/srv/models/mini", "mini", "mini", {"mini"}),
+    ("runs:/0a1b/model", "runs:/0a1b/model", "runs:/0a1b/model", {"runs:/0a1b/model"}),
+])
+def test_a_registered_model_is_listed_and_answers_by_a_name_no_promotion_changes(
+        uri, version, listed, accepted):
+    from lmforge.serve.app import model_names
+
+    assert model_names(uri, version) == (listed, frozenset(accepted))
+
+
+def test_another_alias_or_version_of_the_same_model_is_not_served():
+    from lmforge.serve.app import model_names
+
+    _, accepted = model_names("models:/lm@champion", "lm/3")
+    assert not {"lm@candidate", "lm/2", "models:/lm@champion", "LM"} & accepted
+
+
+# --- the app's middlewares, in the order the serving app stacks them (no Ray) ----------
+
+
+def asgi_app(api_keys: tuple[str, ...] = (), body_timeout_s: float = 5.0,
+             request_timeout_s: float | None = None, max_body_bytes: int = 1000):
+    """A FastAPI app with the serving app's own middleware stack and settings, and routes
+    that record what reached them."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import StreamingResponse
+
+    from lmforge.serve.app import api
+
+    app = FastAPI()
+    app.user_middleware = list(api.user_middleware)
+    app.state.api_keys = [k.encode() for k in api_keys]
+    app.state.max_body_bytes, app.state.body_timeout_s = max_body_bytes, body_timeout_s
+    app.state.request_timeout_s = request_timeout_s
+    app.state.reached, app.state.streams_ended = [], []
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> dict:
+        body = await request.body()
+        app.state.reached.append(body)
+        return {"bytes": len(body)}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"data": []}
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/")
+    async def playground() -> dict:
+        return {"page": True}
+
+    @app.get("/slow")
+    async def slow() -> dict:
+        await asyncio.sleep(30)
+        return {}
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def tokens():  # noqa: ANN202
+            try:
+                yield "data: 1\n\n"
+                await asyncio.sleep(30)
+                yield "data: 2\n\n"
+            finally:
+                app.state.streams_ended.append(True)
+
+        return StreamingResponse(tokens(), media_type="text/event-stream")
+
+    return app
+
+
+def http(app, method: str, path: str, root_path: str = "", **kwargs) -> httpx.Response:  # noqa: ANN001
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, root_path=root_path)
+        async with httpx.AsyncClient(transport=transport, base_url="http://lmforge") as c:
+            return await c.request(method, path, **kwargs)
+
+    return asyncio.run(go())
+
+
+async def trickle(first: bytes, pause_s: float = 30):  # noqa: ANN201
+    """A request body that sends `first`, then nothing for `pause_s`: a slow client."""
+    yield first
+    await asyncio.sleep(pause_s)
+    yield b'"}'
+
+
+async def chunks(*sizes: int):  # noqa: ANN201
+    """A body sent in chunks of `sizes` bytes, with no Content-Length."""
+    for size in sizes:
+        yield bytes(size)
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_a_body_not_received_in_time_gets_408_and_never_reaches_the_handler(declared):
+    app = asgi_app(body_timeout_s=0.2)
+    headers = {"content-type": "application/json"}
+    if declared:
+        headers["content-length"] = "18"
+    start = time.perf_counter()
+    r = http(app, "POST", "/v1/completions", headers=headers,
+             content=trickle(b'{"prompt": "the'))
+    assert r.status_code == 408 and "0.2 s" in r.json()["error"]["message"]
+    assert time.perf_counter() - start < 5 and app.state.reached == []
+
+
+def test_a_whole_body_reaches_the_handler_and_an_oversized_one_does_not():
+    app = asgi_app(max_body_bytes=100)
+    assert http(app, "POST", "/v1/completions", content=b"x" * 100).json() == {"bytes": 100}
+    assert http(app, "POST", "/v1/completions", content=chunks(30, 30, 30, 30)
+                ).status_code == 413
+    assert len(app.state.reached) == 1
+
+
+def test_a_request_past_the_timeout_gets_408_or_is_cut_whatever_its_headers():
+    app = asgi_app(request_timeout_s=0.2)
+    start = time.perf_counter()
+    # Serve's proxy lets a client lift its own timeout with this header; ours holds.
+    r = http(app, "GET", "/slow", headers={"x-request-timeout-seconds": "0"})
+    assert r.status_code == 408 and "0.2 s" in r.json()["error"]["message"]
+    sent = asyncio.run(raw_get(app, "/stream"))  # httpx's transport wants whole answers
+    assert sent[0] == {"type": "http.response.start", "status": 200}
+    assert sent[1:] == [{"type": "http.response.body", "body": b"data: 1\n\n"}]  # cut
+    assert app.state.streams_ended == [True] and time.perf_counter() - start < 5
+
+
+async def raw_get(app, path: str) -> list[dict]:  # noqa: ANN001
+    """The ASGI messages `app` sends for GET `path` (headers and more_body left out)."""
+    sent, received = [], []
+
+    async def receive() -> dict:
+        received.append(True)
+        if len(received) == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(3600)  # the client stays connected
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append({k: v for k, v in message.items() if k not in ("headers", "more_body")})
+
+    await app({"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
+               "http_version": "1.1", "method": "GET", "scheme": "http", "path": path,
+               "raw_path": path.encode(), "root_path": "", "query_string": b"",
+               "headers": [], "client": ("127.0.0.1", 1), "server": ("lmforge", 80)},
+              receive, send)
+    return sent
+
+
+@pytest.mark.parametrize(("root_path", "path", "open_"), [
+    ("", "/v1/models", False), ("", "/docs", False), ("", "/openapi.json", False),
+    ("", "/nothing-here", False), ("", "/healthz", True), ("", "/", True),
+    ("/api", "/api/v1/models", False), ("/api", "/api/docs", False),
+    ("/api", "/api/healthz", True), ("/api", "/api/", True), ("/api", "/api", True),
+    ("/api", "/apix/healthz", False),
+])
+def test_every_route_but_the_probes_and_the_playground_needs_a_key(root_path, path, open_):
+    app = asgi_app(api_keys=("k1", "k2"))
+    anonymous = http(app, "GET", path, root_path=root_path)
+    assert (anonymous.status_code != 401) == open_, anonymous.text
+    keyed = http(app, "GET", path, root_path=root_path, headers={"authorization": "Bearer k2"})
+    assert keyed.status_code != 401
+
+
+@pytest.mark.parametrize("auth", ["Bearer ", "Bearer", "bearer  ", ""])
+def test_an_empty_key_is_never_accepted(auth):
+    app = asgi_app(api_keys=("",))  # config refuses this; the check does not rely on it
+    r = http(app, "GET", "/v1/models", headers={"authorization": auth} if auth else {})
+    assert r.status_code == 401
+
+
+@pytest.mark.parametrize("keys", [[""], ["ok", " "], [" s3cret"], ["s3cret\n"]])
+def test_config_refuses_an_api_key_no_request_could_present(keys):
+    from lmforge.config import SpecError
+
+    with pytest.raises(SpecError, match=r"serve\.api_keys: entry \d is") as info:
+        load(None, [f"serve.api_keys={json.dumps(keys)}"])
+    assert all(k not in str(info.value) for k in keys if k.strip())  # a secret: never shown
+
+
+@pytest.mark.parametrize("value", ["", "a,,b", "a,b,", " , "])
+def test_an_empty_key_in_the_environment_is_refused_naming_the_variable(monkeypatch, value):
+    from lmforge.serve import with_secrets
+
+    monkeypatch.setenv("LMFORGE_API_KEYS", value)
+    with pytest.raises(ValueError, match=r"\$LMFORGE_API_KEYS: entry \d is empty"):
+        with_secrets(load(None).serve)
+
+
+def test_keys_from_the_environment_join_the_spec_s(monkeypatch):
+    from lmforge.serve import with_secrets
+
+    cfg = load(None, ["serve.api_keys=[spec-key]"]).serve
+    monkeypatch.delenv("LMFORGE_API_KEYS", raising=False)
+    assert with_secrets(cfg).api_keys == ["spec-key"]
+    monkeypatch.setenv("LMFORGE_API_KEYS", " env-1 ,env-2")
+    assert with_secrets(cfg).api_keys == ["spec-key", "env-1", "env-2"]
+    assert cfg.api_keys == ["spec-key"]

@@ -23,6 +23,7 @@ import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 
 import ray
 import torch
@@ -37,7 +38,8 @@ from starlette.datastructures import State
 
 from lmforge.config import ServeConfig
 from lmforge.registry import LoadedModel
-from lmforge.serve.engine import Engine, Stream
+from lmforge.serve.engine import Engine, Stream, run
+from lmforge.serve.follow import AliasFollower
 from lmforge.serve.generate import Delta, GenerationParams
 from lmforge.serve.playground import PLAYGROUND_HTML
 from lmforge.serve.schemas import (
@@ -56,8 +58,11 @@ from lmforge.serve.schemas import (
 log = logging.getLogger("ray.serve")
 
 api = FastAPI(title="lmforge", docs_url="/docs")
+# What the middlewares read (through the scope); each replica's __init__ sets them.
 api.state.api_keys = []
 api.state.max_body_bytes = 1_000_000
+api.state.body_timeout_s = 30.0
+api.state.request_timeout_s = None
 
 # The simple chat template for base models (a tokenizer's own template wins when it has
 # one), and the stop that keeps the model from writing the user's next turn.
@@ -76,7 +81,8 @@ async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONRespo
                             status_code=400)
     loc = [str(p) for p in err["loc"] if p != "body"]
     param = ".".join(loc) or None
-    msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+    msg = ("unknown field" if err["type"] == "extra_forbidden"
+           else err["msg"].removeprefix("Value error, "))
     return JSONResponse(error_body(f"{param}: {msg}" if param else msg, param), status_code=422)
 
 
@@ -87,10 +93,48 @@ def _state(scope) -> State:  # noqa: ANN001
     return scope["app"].state
 
 
-class _BodyLimit:
-    """413 for a body over `serve.max_body_bytes`, before the app parses it. A pure ASGI
-    middleware: a declared Content-Length is refused unread; a chunked body is counted
-    as it arrives and refused as soon as it passes the limit."""
+class _Deadline:
+    """Ends a request still running `serve.request_timeout_s` after it reached this
+    replica: a 408 when nothing was sent yet, else the response is cut short (its rows
+    leave the batch). Serve's proxy enforces the same limit, queueing included, but any
+    client can lift that one with Serve's `x-request-timeout-seconds: 0` header; this
+    one holds whatever the client sends. Added first, so it runs last, around the app."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        limit: float | None = _state(scope).request_timeout_s if scope["type"] == "http" \
+            else None
+        if limit is None:
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message) -> None:  # noqa: ANN001
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                return await self.app(scope, receive, watched)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the app's own
+        if not started:
+            await _error(408, f"request not answered within {limit:g} s")(scope, receive, send)
+
+
+api.add_middleware(_Deadline)
+
+
+class _ReadBody:
+    """Reads the whole request body before the app sees any of it, so a request reaches
+    its handler, and the decode loop, only once its body is in: a slow sender holds no
+    decode row, and holds its replica slot at most `serve.body_timeout_s` (then 408). A
+    body over `serve.max_body_bytes` gets 413: a declared Content-Length unread, a
+    chunked one as soon as it passes the limit. A pure ASGI middleware."""
 
     def __init__(self, app) -> None:  # noqa: ANN001
         self.app = app
@@ -98,21 +142,25 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit: int = _state(scope).max_body_bytes
+        state = _state(scope)
+        limit: int = state.max_body_bytes
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _too_large(limit)(scope, receive, send)
-        if declared is not None:
-            return await self.app(scope, receive, send)
         messages, size = [], 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            size += len(message.get("body", b""))
-            if size > limit:
-                return await _too_large(limit)(scope, receive, send)
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
+        try:
+            async with asyncio.timeout(state.body_timeout_s):
+                while size <= limit:
+                    message = await receive()
+                    messages.append(message)
+                    size += len(message.get("body", b""))
+                    if message["type"] != "http.request" or not message.get("more_body"):
+                        break
+        except TimeoutError:
+            return await _error(408, f"request body not received within "
+                                     f"{state.body_timeout_s:g} s")(scope, receive, send)
+        if size > limit:
+            return await _too_large(limit)(scope, receive, send)
 
         async def replay():  # noqa: ANN202
             return messages.pop(0) if messages else await receive()
@@ -120,31 +168,47 @@ class _BodyLimit:
         return await self.app(scope, replay, send)
 
 
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(error_body(message, None), status_code=status)
+
+
 def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse(error_body(f"request body is larger than {limit} bytes", None),
-                        status_code=413)
+    return _error(413, f"request body is larger than {limit} bytes")
 
 
-api.add_middleware(_BodyLimit)
+api.add_middleware(_ReadBody)
+
+# What anyone may fetch without a key: the probes and the playground page (which asks for
+# the key itself). Paths below the app's root, whatever its route_prefix.
+OPEN_ROUTES = frozenset({"", "/", "/healthz", "/readyz"})
+
+
+def route_path(scope) -> str:  # noqa: ANN001
+    """The path the app's routes match: the request's path below its root_path (Serve's
+    route_prefix, and any root_path of a proxy in front), by Starlette's own rule."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and (path == root or path[len(root)] == "/"):
+        return path[len(root):]
+    return path
 
 
 class _RequireApiKey:
-    """With API keys configured, /v1 routes need `Authorization: Bearer KEY`. Added last
-    (so it runs first): an unauthenticated request is refused before its body is read. A
-    pure ASGI middleware, like _BodyLimit: Starlette's `@app.middleware("http")` runs every
-    response through an extra task and stream."""
+    """With API keys configured, every route but OPEN_ROUTES needs `Authorization: Bearer
+    KEY`. Added last (so it runs first): an unauthenticated request is refused before its
+    body is read. A pure ASGI middleware, like _ReadBody: Starlette's
+    `@app.middleware("http")` runs every response through an extra task and stream."""
 
     def __init__(self, app) -> None:  # noqa: ANN001
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         keys: list[bytes] = _state(scope).api_keys if scope["type"] == "http" else []
-        if keys and scope["path"].startswith("/v1"):
+        if keys and route_path(scope) not in OPEN_ROUTES:
             auth = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, key = auth.partition(b" ")
             # Compare against every key in constant time, so timing leaks nothing.
             matches = [hmac.compare_digest(key, k) for k in keys]
-            if scheme.lower() != b"bearer" or not any(matches):
+            if scheme.lower() != b"bearer" or not key or not any(matches):
                 return await _unauthorized()(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -160,6 +224,24 @@ def _unauthorized() -> JSONResponse:
 
 def _reject(message: str, param: str | None) -> JSONResponse:
     return JSONResponse(error_body(message, param), status_code=422)
+
+
+VERSION_HEADER = "x-lmforge-model-version"
+"""Response header naming the version that answered (as the body's `model` does)."""
+
+
+def model_names(model_uri: str, version: str) -> tuple[str, frozenset[str]]:
+    """The id `/v1/models` lists for an endpoint serving `model_uri` (now answering with
+    `version`, a LoadedModel's name), and every `model` a request may name.
+
+    A registered model is listed by its name, which no promotion changes, and answers to
+    `NAME`, `NAME@ALIAS` (the alias it follows) and `NAME/VERSION` (the version serving
+    now); anything else (a directory, a run) by its one name."""
+    if not model_uri.startswith("models:/"):
+        return version, frozenset({version})
+    ref = model_uri.removeprefix("models:/")
+    name = ref.split("@", 1)[0] if "@" in ref else ref.rsplit("/", 1)[0]
+    return name, frozenset({name, version, ref})
 
 
 def pin_alias(uri: str, tracking_uri: str | None) -> str:
@@ -181,16 +263,19 @@ class TextGenerator:
                  resolve: Callable[[str], str] | None = None) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
         self._loader, self._resolve = loader, resolve or (lambda uri: uri)
+        self._model_uri = model_uri
         self.max_tokens_limit = cfg.max_tokens_limit
         # `api` here is the app Serve runs; the middlewares read these through the scope.
-        api.state.api_keys = [k.encode() for k in cfg.api_keys]
+        api.state.api_keys = [k.encode() for k in cfg.api_keys if k]
         api.state.max_body_bytes = cfg.max_body_bytes
+        api.state.body_timeout_s = cfg.body_timeout_s
+        api.state.request_timeout_s = cfg.request_timeout_s
         self._admit.set_max_batch_size(cfg.max_batch_size)
         self._admit.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._engine = Engine(max_rows=cfg.max_batch_size)
         self._stall_s = cfg.stall_timeout_s
-        self._pinned = self._resolve(model_uri)
-        self.loaded = self._load(self._pinned)
+        pinned = self._resolve(model_uri)
+        self.loaded = self._load(pinned)
         tags = ("model_version",)
         self._requests = Counter("lmforge_requests_total", "Completions answered.",
                                  tag_keys=(*tags, "route", "stream"))
@@ -204,12 +289,14 @@ class TextGenerator:
                                boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500],
                                tag_keys=tags)
         self._stop = threading.Event()
-        if model_uri != self._pinned and cfg.alias_poll_s > 0:
+        if model_uri != pinned and cfg.alias_poll_s > 0:
             # A thread, not a task: loading is blocking work, and the event loop keeps
             # serving the old version until the new one is ready, then the swap is one
             # attribute assignment (requests already running finish on the old one).
-            threading.Thread(target=self._follow, args=(model_uri, cfg.alias_poll_s),
-                             daemon=True, name="lmforge-alias-follow").start()
+            follower = AliasFollower(model_uri, pinned, self._resolve, self._load,
+                                     self._swap, cfg.alias_poll_s)
+            threading.Thread(target=follower.run, args=(self._stop,), daemon=True,
+                             name="lmforge-alias-follow").start()
 
     def _load(self, pinned: str) -> LoadedModel:
         loaded = self._loader(pinned)
@@ -219,17 +306,8 @@ class TextGenerator:
             loaded = dataclasses.replace(loaded, name=pinned.removeprefix("models:/"))
         return loaded
 
-    def _follow(self, model_uri: str, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            try:
-                pinned = self._resolve(model_uri)
-                if pinned != self._pinned:
-                    log.info("%s moved to %s: loading it", model_uri, pinned)
-                    self.loaded, self._pinned = self._load(pinned), pinned
-                    log.info("now serving %s", self.loaded.name)
-            except Exception:  # a registry hiccup must not stop serving the current model
-                log.exception("checking %s failed; still serving %s", model_uri,
-                              self.loaded.name)
+    def _swap(self, loaded: LoadedModel, _pinned: str) -> None:
+        self.loaded = loaded
 
     async def check_health(self) -> None:
         """Serve calls this every `serve.health_check_period_s`; raising (or not answering
@@ -252,13 +330,13 @@ class TextGenerator:
     async def _run(self, stream: Stream, start: float) -> AsyncIterator[Delta]:
         """One sequence's deltas; returns as soon as it finishes, whatever the batch does."""
         n_tokens = 0
-        await self._admit(stream)
-        try:
-            async for delta in stream:
+        # A client gone or timed out, even while its request is being admitted: its row
+        # is never taken, or leaves the batch at the next step (`aclosing`: at once, not
+        # whenever the generator is collected).
+        async with aclosing(run(stream, self._admit)) as deltas:
+            async for delta in deltas:
                 n_tokens += len(delta.token_ids)
                 yield delta
-        finally:  # a client gone or timed out: its row leaves the batch at the next step
-            stream.cancel()
         if n_tokens:
             tags = {"model_version": stream.loaded.name}
             self._ttft.observe(stream.first_token_at - start, tags=tags)
@@ -281,13 +359,15 @@ class TextGenerator:
         return {"status": "ready", "model": self.loaded.name}
 
     @api.get("/v1/models")
-    async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.loaded.name, "object": "model",
-                                            "created": 0, "owned_by": "lmforge"}]}
+    async def models(self) -> JSONResponse:
+        version = self.loaded.name
+        model_id, _ = model_names(self._model_uri, version)
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_id, "object": "model", "created": 0, "owned_by": "lmforge"}]},
+            headers={VERSION_HEADER: version})
 
     @api.post("/v1/completions", response_model=None)
-    async def completions(self, req: CompletionRequest
-                          ) -> CompletionResponse | JSONResponse | StreamingResponse:
+    async def completions(self, req: CompletionRequest) -> JSONResponse | StreamingResponse:
         loaded = self.loaded
         prompt_ids = loaded.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
         return await self._complete(req, loaded, prompt_ids, "prompt", req.max_tokens or 16,
@@ -295,7 +375,7 @@ class TextGenerator:
 
     @api.post("/v1/chat/completions", response_model=None)
     async def chat_completions(self, req: ChatCompletionRequest
-                               ) -> ChatCompletionResponse | JSONResponse | StreamingResponse:
+                               ) -> JSONResponse | StreamingResponse:
         loaded = self.loaded
         tok = loaded.tokenizer
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
@@ -321,6 +401,8 @@ class TextGenerator:
                         prompt_param: str, max_tokens: int, stop: list[str], chat: bool,
                         max_tokens_param: str = "max_tokens"):  # noqa: ANN202
         # Validation before any generation work, each error naming its field.
+        if not prompt_ids:  # a tokenizer may drop everything a text holds
+            return _reject(f"{prompt_param}: the text encodes to no tokens", prompt_param)
         if max_tokens > self.max_tokens_limit:
             return _reject(f"{max_tokens_param}: at most {self.max_tokens_limit}",
                            max_tokens_param)
@@ -329,10 +411,11 @@ class TextGenerator:
             return _reject(
                 f"{prompt_param}: {len(prompt_ids)} prompt tokens + {max_tokens_param} "
                 f"{max_tokens} exceed the model's context of {context} tokens", prompt_param)
-        if req.model is not None and req.model != loaded.name:
+        model_id, accepted = model_names(self._model_uri, loaded.name)
+        if req.model is not None and req.model not in accepted:
             return JSONResponse(error_body(
                 f"model: {req.model!r} is not served here; this endpoint serves "
-                f"{loaded.name!r}", "model"), status_code=404)
+                f"{model_id!r}", "model"), status_code=404)
         start = time.perf_counter()
         # n > 1: independent samples, each with its own seed (seed + i) so that a seeded
         # request stays reproducible; they batch together with everything else.
@@ -349,7 +432,8 @@ class TextGenerator:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
                 self._sse(streams, start, loaded.name, chat, usage, include_usage),
-                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", VERSION_HEADER: loaded.name})
         texts, reasons = [""] * len(streams), ["length"] * len(streams)
 
         async def collect(i: int) -> None:
@@ -358,15 +442,24 @@ class TextGenerator:
                 usage["completion_tokens"] += len(d.token_ids)
                 reasons[i] = d.finish_reason or reasons[i]
 
-        await asyncio.gather(*(collect(i) for i in range(len(streams))))
+        tasks = [asyncio.ensure_future(collect(i)) for i in range(len(streams))]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # one choice failed (a 500): the others' rows leave the batch too
+            for t in tasks:
+                t.cancel()
         u = Usage(**usage, total_tokens=usage["prompt_tokens"] + usage["completion_tokens"])
+        body: ChatCompletionResponse | CompletionResponse
         if chat:
-            return ChatCompletionResponse(model=loaded.name, usage=u, choices=[
+            body = ChatCompletionResponse(model=loaded.name, usage=u, choices=[
                 ChatChoice(index=i, message=ChatChoiceMessage(content=t), finish_reason=r)
                 for i, (t, r) in enumerate(zip(texts, reasons, strict=True))])
-        return CompletionResponse(model=loaded.name, usage=u, choices=[
-            Choice(index=i, text=t, finish_reason=r)
-            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))])
+        else:
+            body = CompletionResponse(model=loaded.name, usage=u, choices=[
+                Choice(index=i, text=t, finish_reason=r)
+                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))])
+        return JSONResponse(body.model_dump(mode="json"),
+                            headers={VERSION_HEADER: loaded.name})
 
     async def _sse(self, streams: list[Stream], start: float, model: str, chat: bool,
                    usage: dict[str, int], include_usage: bool) -> AsyncIterator[str]:

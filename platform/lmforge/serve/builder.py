@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ray.serve import Application
 
-from lmforge.config import ServeConfig, load, resolve_tracking_uri
+from lmforge.config import ServeConfig, check_api_keys, load, resolve_tracking_uri
 from lmforge.registry import LoadedModel, load_model
 from lmforge.serve.app import build_app, pin_alias
 
@@ -25,8 +25,18 @@ API_KEYS_ENV = "LMFORGE_API_KEYS"
 
 
 def with_secrets(cfg: ServeConfig) -> ServeConfig:
-    """`cfg` with the API keys from $LMFORGE_API_KEYS added (a copy; `cfg` is unchanged)."""
-    keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    """`cfg` with the API keys from $LMFORGE_API_KEYS added (a copy; `cfg` is unchanged).
+    Whitespace around each key is dropped; an empty key (`a,,b`, a trailing comma, or the
+    variable set to nothing) is a ValueError naming the variable, not a key that matches
+    `Bearer ` or a silent lack of auth. Unset: no keys added."""
+    raw = os.environ.get(API_KEYS_ENV)
+    if raw is None:
+        return cfg
+    keys = [k.strip() for k in raw.split(",")]
+    try:
+        check_api_keys(keys)
+    except ValueError as e:
+        raise ValueError(f"${API_KEYS_ENV}: {e} (unset it for no keys)") from None
     return cfg.model_copy(update={"api_keys": [*cfg.api_keys, *keys]})
 
 

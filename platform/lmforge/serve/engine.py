@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from lmforge.registry import LoadedModel
 from lmforge.serve.generate import Decoder, Delta, GenerationParams
@@ -63,6 +63,21 @@ class Stream:
             return delta
         self._held = delta
         return None
+
+
+async def run(stream: Stream, admit: Callable[[Stream], Awaitable[object]]
+              ) -> AsyncIterator[Delta]:
+    """Admit `stream` (`admit` hands it to an Engine) and yield its Deltas. However this
+    ends (finished, failed, or the caller cancelled at any await, admission included) the
+    stream is cancelled, so a request nobody waits for any more never takes a row, or
+    leaves it at the next step: cancelled after the hand-over but before `admit`
+    returned, it would otherwise decode to its end for nobody."""
+    try:
+        await admit(stream)
+        async for delta in stream:
+            yield delta
+    finally:
+        stream.cancel()
 
 
 class Engine:
@@ -150,14 +165,18 @@ class Engine:
         drop = [s for s in decoder.keys if s.cancelled]
         try:
             deltas = decoder.step([(s, s.params) for s in admit], drop)
-        except Exception as e:  # this batch fails (and is reset); the engine goes on
+        except Exception as e:  # the batch's forward pass failed: no row is to blame, so
+            # this batch fails (and is reset); the engine goes on
             log.exception("decode step failed")
             self._deliver([(s, e) for s in [*decoder.keys, *admit]])
             decoder.clear()
             return
-        ready = []
+        ready: list[tuple[Stream, Delta | BaseException]] = []
         for stream, delta in deltas:
-            if (due := stream._add(delta)) is not None:
+            if isinstance(delta, Exception):  # this request alone could not be decoded
+                log.error("request failed: %r", delta, exc_info=delta)
+                ready.append((stream, delta))
+            elif (due := stream._add(delta)) is not None:
                 ready.append((stream, due))
         self._deliver(ready)
 

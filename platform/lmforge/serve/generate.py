@@ -68,10 +68,12 @@ def _sample(logits: torch.Tensor, params: list[GenerationParams],
     temps = {p.temperature for p in sampled}
     x = x / (temps.pop() if len(temps) == 1 else
              torch.tensor([[p.temperature] for p in sampled]))
-    if any(0 < p.top_k < x.shape[-1] for p in sampled):
-        top_k = torch.tensor([p.top_k for p in sampled])
-        cut = (top_k > 0) & (top_k < x.shape[-1])
-        kth = torch.topk(x, int(top_k[cut].max()), dim=-1).values
+    vocab = x.shape[-1]
+    if any(0 < p.top_k < vocab for p in sampled):
+        # A top_k of the vocabulary or more cuts nothing (0 here), whatever its size.
+        top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else 0 for p in sampled])
+        cut = top_k > 0
+        kth = torch.topk(x, int(top_k.max()), dim=-1).values
         kth = kth.gather(-1, (top_k.clamp(1, kth.shape[-1]) - 1)[:, None])
         x = x.masked_fill(cut[:, None] & (x < kth), float("-inf"))
     probs = torch.softmax(x, dim=-1)
@@ -83,6 +85,9 @@ def _sample(logits: torch.Tensor, params: list[GenerationParams],
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0))
     # Inverse-CDF draws: one uniform number per row (from the row's own generator when it
     # is seeded), all rows searched at once; torch.multinomial costs ~1 ms for 32 rows.
+    # The draws come after everything a row's settings decide, so when those make this
+    # call fail no generator has moved, and sampling each row alone again (Decoder's
+    # _advance does) draws what the batch would have.
     if all(gens[i] is None for i in rows):
         u = torch.rand(len(rows), 1)
     else:
@@ -184,20 +189,56 @@ class Decoder:
 
     @torch.inference_mode()
     def step(self, admit: Iterable[tuple[Hashable, GenerationParams]] = (),
-             drop: Iterable[Hashable] = ()) -> list[tuple[Hashable, Delta]]:
+             drop: Iterable[Hashable] = ()) -> list[tuple[Hashable, Delta | Exception]]:
         """Drop the rows of `drop` (requests nobody waits for any more), decode one token
         for every running row, then prefill `admit`'s prompts (their first token) and merge
-        them in. Returns a Delta per row; a row whose Delta has a finish_reason has left."""
+        them in. Returns a Delta per row; a row whose Delta has a finish_reason has left.
+
+        A request that cannot be decoded (its seed, its prompt, its sampling settings)
+        gets its exception in place of a Delta and leaves; the other rows go on as if it
+        had never been there. Raises only when the running batch's own forward pass
+        fails, which no single row is to blame for."""
         gone = set(drop)
         if gone:
             self._keep([r for r, k in enumerate(self.keys) if k not in gone])
         deltas = self._decode() if self.keys else []
         admit = list(admit)
         if admit:
-            deltas += self._prefill(admit)
+            deltas += self._admit(admit)
         return deltas
 
-    def _decode(self) -> list[tuple[Hashable, Delta]]:
+    def _admit(self, admit: list[tuple[Hashable, GenerationParams]]
+               ) -> list[tuple[Hashable, Delta | Exception]]:
+        """Prefill `admit` together and merge the rows still running into the batch. When
+        that prefill fails, each request is prefilled alone, so only the one at fault
+        fails; nothing is merged before a prefill has succeeded."""
+        results: list[tuple[Hashable, Delta | Exception]] = []
+        ready: list[tuple[Hashable, _Request]] = []
+        for key, params in admit:  # a seed torch refuses fails here, before any model work
+            try:
+                ready.append((key, _Request(params)))
+            except Exception as e:
+                results.append((key, e))
+        if not ready:
+            return results
+        try:
+            prefilled = [self._prefill(ready)]
+        except Exception as e:
+            if len(ready) == 1:
+                return [*results, (ready[0][0], e)]
+            prefilled = []
+            for key, state in ready:  # afresh: the failed attempt may have moved a generator
+                try:
+                    prefilled.append(self._prefill([(key, _Request(state.params))]))
+                except Exception as e:
+                    results.append((key, e))
+        for deltas, join in prefilled:
+            results += deltas
+            if join is not None:
+                self._join(*join)
+        return results
+
+    def _decode(self) -> list[tuple[Hashable, Delta | Exception]]:
         mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
         out = self.model(input_ids=torch.tensor(self.next_ids, device=self.device)[:, None],
                          attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
@@ -209,9 +250,10 @@ class Decoder:
             self._keep(keep)
         return deltas
 
-    def _prefill(self, admit: list[tuple[Hashable, GenerationParams]]
-                 ) -> list[tuple[Hashable, Delta]]:
-        prompts = [p.prompt_ids for _, p in admit]
+    def _prefill(self, rows: list[tuple[Hashable, _Request]]):  # noqa: ANN202
+        """Prefill `rows` (their first token) without touching the batch. Returns their
+        Deltas and what `_join` takes to merge the rows still running (None: none)."""
+        prompts = [state.params.prompt_ids for _, state in rows]
         width = max(map(len, prompts))
         ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts],
                            device=self.device)
@@ -219,35 +261,60 @@ class Decoder:
                             device=self.device)
         out = self.model(input_ids=ids, attention_mask=mask,
                          position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-        keys, states = [k for k, _ in admit], [_Request(p) for _, p in admit]
+        keys, states = [k for k, _ in rows], [state for _, state in rows]
         deltas, keep, sampled = self._advance(out.logits[:, -1, :], keys, states)
-        if keep:  # merge the rows still running into the batch
-            new = torch.tensor(keep, device=self.device)
-            out.cache.batch_select_indices(new)
-            if self.keys:
-                self._merge(out.cache, mask[new])
-            else:
-                self.cache, self.mask = out.cache, mask[new]
-            self.keys += [keys[r] for r in keep]
-            self.states += [states[r] for r in keep]
-            self.next_ids += [sampled[r] for r in keep]
-        return deltas
+        if not keep:
+            return deltas, None
+        new = torch.tensor(keep, device=self.device)
+        out.cache.batch_select_indices(new)
+        return deltas, (out.cache, mask[new], [keys[r] for r in keep],
+                        [states[r] for r in keep], [sampled[r] for r in keep])
+
+    def _join(self, cache, mask: torch.Tensor, keys: list[Hashable],  # noqa: ANN001
+              states: list[_Request], next_ids: list[int]) -> None:
+        """Append prefilled rows to the batch."""
+        if self.keys:
+            self._merge(cache, mask)
+        else:
+            self.cache, self.mask = cache, mask
+        self.keys += keys
+        self.states += states
+        self.next_ids += next_ids
 
     def _advance(self, logits: torch.Tensor, keys: list[Hashable], states: list[_Request]
-                 ) -> tuple[list[tuple[Hashable, Delta]], list[int], list[int]]:
-        """Sample each row's next token; return the Deltas, the rows still running and the
-        sampled tokens."""
+                 ) -> tuple[list[tuple[Hashable, Delta | Exception]], list[int], list[int]]:
+        """Sample each row's next token; return the Deltas (an exception for a row that
+        could not be sampled), the rows still running and the sampled tokens."""
         # Sampling runs on the CPU: one transfer per step, and a seeded request draws the
         # same tokens on any device.
-        sampled = _sample(logits.float().cpu(), [s.params for s in states],
-                          [s.gen for s in states])
-        deltas, keep = [], []
+        logits = logits.float().cpu()
+        params, gens = [s.params for s in states], [s.gen for s in states]
+        sampled: list[int | Exception]
+        try:
+            sampled = list(_sample(logits, params, gens))
+        except Exception:  # one row's settings broke the batch: sample each row alone
+            sampled = []
+            for row in range(len(states)):
+                try:
+                    sampled += _sample(logits[row:row + 1], params[row:row + 1],
+                                       gens[row:row + 1])
+                except Exception as e:
+                    sampled.append(e)
+        deltas: list[tuple[Hashable, Delta | Exception]] = []
+        keep = []
         for row, (key, state, tok) in enumerate(zip(keys, states, sampled, strict=True)):
-            delta = state.add(None if tok == self.eos else tok, self.tokenizer)
+            if isinstance(tok, Exception):
+                deltas.append((key, tok))
+                continue
+            try:
+                delta = state.add(None if tok == self.eos else tok, self.tokenizer)
+            except Exception as e:
+                deltas.append((key, e))
+                continue
             deltas.append((key, delta))
             if delta.finish_reason is None:
                 keep.append(row)
-        return deltas, keep, sampled
+        return deltas, keep, [t if isinstance(t, int) else self.pad for t in sampled]
 
     def _keep(self, rows: list[int]) -> None:
         """Keep only `rows`, and trim cache columns no remaining row uses."""
@@ -286,6 +353,8 @@ def decode_stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     while admit or len(decoder):
         step: list[Delta | None] = [None] * len(requests)
         for i, delta in decoder.step(admit):
+            if isinstance(delta, Exception):
+                raise delta
             step[i] = delta
         admit = []
         yield step
