@@ -11,6 +11,7 @@ cut short, while one that is stuck should fail soon.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -22,8 +23,8 @@ from typing import TypeVar
 from lmforge.cluster import free_port
 
 __all__ = ["BIN", "ROOT", "SPEC", "TRAIN_POLL_ENV", "TRAIN_POLL_S", "file_size", "free_port",
-           "lmforge", "own_cluster_env", "replica_pids", "replica_states", "tree_size",
-           "user_env", "wait_until"]
+           "kill_driver_when", "lmforge", "own_cluster_env", "replica_pids", "replica_states",
+           "tree_size", "user_env", "wait_until"]
 
 SPEC = Path(__file__).parent / "specs" / "tiny.yaml"
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,6 +152,29 @@ def lmforge(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
     for t in pumps:
         t.join()
     return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), "".join(err))
+
+
+def kill_driver_when(cmd: list[str], when: Callable[[], bool], what: str, *, cwd: Path,
+                     env: dict[str, str], log: Path, stall_s: float = 180) -> None:
+    """Run the driver `cmd` (which starts its own local Ray) with its output in `log`, and
+    SIGKILL it as soon as `when()` holds: no cleanup, as when its machine goes away. Its
+    Ray processes, in its process group, go down with it. Fails if the driver exits first,
+    or its log stops growing for `stall_s`."""
+    with log.open("w") as out:
+        driver = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        wait_until(lambda: when() or driver.poll() is not None, what,
+                   progress=lambda: file_size(log), stall_s=stall_s, interval_s=0.05,
+                   detail=lambda: log.read_text()[-3000:])
+        assert driver.poll() is None, log.read_text()[-3000:]
+        driver.kill()
+        driver.wait(timeout=30)
+    finally:
+        try:  # whatever the driver's local cluster left behind
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 # --- Serve ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from .helpers import (
     TRAIN_POLL_ENV,
     TRAIN_POLL_S,
     file_size,
+    kill_driver_when,
     lmforge,
     own_cluster_env,
     tree_size,
@@ -182,26 +183,11 @@ def test_killed_driver_resumes_exactly_and_ignores_a_half_written_checkpoint(
     reference = dict(loss_history(fsdp_run))
     args = ["train", str(SPEC), *overrides(tmp_path, *FSDP), "tracking.run_name=resumable"]
     run_dir = tmp_path / "ray" / "resumable"
-    log_path = tmp_path / "killed.log"
-    with log_path.open("w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "lmforge", *args], cwd=tmp_path,
-                                  env=own_cluster_env(**{TRAIN_POLL_ENV: TRAIN_POLL_S}),
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        # Kill the driver once Ray Train has registered a checkpoint (its snapshot lists it);
-        # the driver's log growing is its progress.
-        wait_until(lambda: (run_dir / "checkpoint_manager_snapshot.json").exists()
-                   or driver.poll() is not None, "a checkpoint registered",
-                   progress=lambda: file_size(log_path), stall_s=STALL_S, interval_s=0.05,
-                   detail=lambda: log_path.read_text()[-3000:])
-        assert driver.poll() is None, log_path.read_text()[-3000:]
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        try:  # whatever the dead driver's local cluster left behind
-            os.killpg(driver.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    # Kill the driver once Ray Train has registered a checkpoint (its snapshot lists it).
+    kill_driver_when([sys.executable, "-m", "lmforge", *args],
+                     lambda: (run_dir / "checkpoint_manager_snapshot.json").exists(),
+                     "a checkpoint registered", cwd=tmp_path, log=tmp_path / "killed.log",
+                     env=own_cluster_env(**{TRAIN_POLL_ENV: TRAIN_POLL_S}), stall_s=STALL_S)
 
     # A crash in the middle of writing a checkpoint leaves a directory like this one.
     half = run_dir / "checkpoint_9999999" / "dcp"

@@ -8,8 +8,6 @@ from where the killed driver left it.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -20,7 +18,7 @@ from lmforge.tracking import RunTracker
 from lmforge.tune.report import trial_runs
 from lmforge.tune.snapshot import latest_snapshot
 
-from .helpers import BIN, SPEC, TRAIN_POLL_ENV, TRAIN_POLL_S, file_size, wait_until
+from .helpers import BIN, SPEC, TRAIN_POLL_ENV, TRAIN_POLL_S, kill_driver_when
 
 
 def test_resume_after_killed_driver(ray_cluster, tiny_spec, tmp_path: Path):
@@ -36,34 +34,19 @@ def test_resume_after_killed_driver(ray_cluster, tiny_spec, tmp_path: Path):
                  "tune.num_trials=2", "tune.scheduler=fifo",
                  f"tune.max_tokens={160 * tokens_per_step}", "registry.enabled=false"]
     experiment = tmp_path / "ray" / "resumable"
-    log_path = tmp_path / "driver.log"
     env = dict(os.environ, TUNE_GLOBAL_CHECKPOINT_S="0",  # save Tune's state every loop
                **{TRAIN_POLL_ENV: TRAIN_POLL_S})  # a report every 2 s: time to kill
-    with open(log_path, "w") as log:
-        driver = subprocess.Popen(
-            [str(BIN / "lmforge"), "tune", str(SPEC), *overrides],
-            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        # Kill once trial 2 has a checkpoint, i.e. after its first report: both trials' Ray
-        # Train runs (ray/resumable-<trial>/) have registered one. The next report comes
-        # ~2 s later (Ray Train passes on reports at its health-check interval), and the
-        # budget stops the search at trial 2's third. Train's own record, not Tune's
-        # result.json: Tune's loop falls behind under load while the reports queue up for
-        # it, so by the time result.json shows the first, the third can be right behind.
-        registered = lambda: len(list(  # noqa: E731
-            experiment.parent.glob("resumable-*/checkpoint_manager_snapshot.json")))
-        wait_until(lambda: registered() == 2 or driver.poll() is not None,
-                   "trial 2 registered a checkpoint", progress=lambda: file_size(log_path),
-                   stall_s=180, interval_s=0.05, detail=lambda: log_path.read_text()[-3000:])
-        assert driver.poll() is None, log_path.read_text()[-3000:]
-        driver.kill()  # SIGKILL: no cleanup, as when a driver's machine goes away
-        driver.wait(timeout=30)
-    finally:
-        # Ray's own processes of that driver share its fate; take the group down regardless.
-        try:
-            os.killpg(driver.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    # Kill once trial 2 has a checkpoint, i.e. after its first report: both trials' Ray
+    # Train runs (ray/resumable-<trial>/) have registered one. The next report comes ~2 s
+    # later (Ray Train passes on reports at its health-check interval), and the budget
+    # stops the search at trial 2's third. Train's own record, not Tune's result.json:
+    # Tune's loop falls behind under load while the reports queue up for it, so by the
+    # time result.json shows the first, the third can be right behind.
+    kill_driver_when([str(BIN / "lmforge"), "tune", str(SPEC), *overrides],
+                     lambda: len(list(experiment.parent.glob(
+                         "resumable-*/checkpoint_manager_snapshot.json"))) == 2,
+                     "trial 2 registered a checkpoint", cwd=tmp_path, env=env,
+                     log=tmp_path / "driver.log")
 
     # Tune writes its experiment state in place, rewritten every loop here: a kill can
     # land mid-write, and CI once saw it leave the file empty. Make that happen every time:
