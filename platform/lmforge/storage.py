@@ -17,6 +17,10 @@ local directory. Nodes that share one host (and so one filesystem), like the ray
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -51,6 +55,39 @@ def filesystem(path: str, field: str = "storage_path") -> tuple[pyarrow.fs.FileS
     except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as e:
         raise StorageError(f"{field}: pyarrow cannot open {path!r}: {e}") from None
     return fs, inner
+
+
+def local_copy(path: str, field: str = "data.cache_dir") -> str:
+    """A local path holding `path` (a file or a directory): `path` itself when it is local,
+    else a copy in the read-through cache, downloaded once and reused by every process on
+    the host. For files that are never rewritten under the same name (data cache entries,
+    named by their fingerprint). The cache is `LMFORGE_REMOTE_CACHE`, else
+    ~/.cache/lmforge/remote."""
+    if not is_uri(path):
+        return path.removeprefix("file://")
+    root = Path(os.environ.get("LMFORGE_REMOTE_CACHE", "~/.cache/lmforge/remote")).expanduser()
+    key = hashlib.sha256(path.encode()).hexdigest()[:24]
+    local = root / key / Path(path.rstrip("/")).name
+    if local.exists():
+        return str(local)
+    fs, inner = filesystem(path, field)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    # Download next to the final name and rename: a reader sees a whole copy or none, and
+    # two processes fetching at once both end with one.
+    tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=".part-"))
+    try:
+        dest = tmp / local.name
+        if fs.get_file_info(inner).type == pyarrow.fs.FileType.Directory:
+            dest.mkdir()
+        pyarrow.fs.copy_files(inner, str(dest), source_filesystem=fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        try:
+            dest.rename(local)
+        except OSError:  # another process finished first; its copy is the same
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(local)
 
 
 def mount_fstype(path: str) -> str:
