@@ -30,6 +30,14 @@ test-unit: install
 test-integration: install
 	$(BIN)/python -m pytest tests/integration
 
+# The chaos suite (tests/chaos): faults under load, each scenario asserting nothing is lost.
+# Not part of `make test`; CI runs it as its own step. LMFORGE_CHAOS_SCALE=6 stretches the
+# CI-sized scenarios to the full ones; the report's rows go to LMFORGE_CHAOS_REPORT.
+LMFORGE_CHAOS_REPORT ?= runs/chaos-report.md
+.PHONY: test-chaos
+test-chaos: install  ## fault injection under load (tests/chaos), a row per scenario in $(LMFORGE_CHAOS_REPORT)
+	LMFORGE_CHAOS_REPORT=$(LMFORGE_CHAOS_REPORT) $(BIN)/python -m pytest --durations=0 tests/chaos
+
 bench: install  ## training throughput against a bare PyTorch loop (the others: see bench/README.md)
 	$(BIN)/python bench/train.py
 

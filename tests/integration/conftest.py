@@ -1,5 +1,6 @@
-"""Real services for the integration tests: one private local Ray cluster for the session,
-and the tiny spec with every piece of state under the test's tmp_path.
+"""The integration tests' session: Ray's settings and the no-training-left guard turned on
+for every test here. The fixtures themselves (`ray_cluster`, `tiny_spec`, ...) live in
+tests/ray_fixtures.py, shared with tests/chaos.
 
 The `integration` marker is applied to everything in this folder by tests/conftest.py
 (`pytestmark` in a conftest marks nothing). Shared helpers live in helpers.py.
@@ -7,122 +8,16 @@ The `integration` marker is applied to everything in this folder by tests/confte
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
-import signal
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import ray
-
-from lmforge.config import JobSpec, load
-
-from .helpers import SPEC, TRAIN_POLL_ENV, free_port, wait_until
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _ray_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Environment for every Ray this session starts: its own, the ones test subprocesses
-    start (they inherit it), and the nodes of local clusters.
-
-    - A local Ray cluster started without a token writes one to ~/.ray/auth_token, outside
-      pytest's tmp dirs, and a token there then switches later clients to token auth: use
-      one token under tmp instead. Tests acting as another user drop it (`user_env`).
-    - Ray Train passes a worker's report on at its controller's health-check poll, every
-      2 s by default, and the worker waits for it: with the tiny model (20 steps in a
-      fraction of a second) that poll was most of every training run's time. Tests that
-      kill a run mid-way set it back to 2 s (`TRAIN_POLL_S`): its reports' pace is their
-      window to kill in.
-    """
-    token = tmp_path_factory.mktemp("ray-token") / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_AUTH_TOKEN_PATH", str(token))
-    mp.setenv(TRAIN_POLL_ENV, "0.2")
+def _ray_settings(ray_settings: None) -> Iterator[None]:
     yield
-    mp.undo()
-
-
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[str]:
-    """One private local Ray cluster (2 logical CPUs, like CI) for the whole session; yields
-    its GCS address.
-
-    It keeps to itself: on 127.0.0.1, with a free dashboard port and its own temp dir (not
-    /tmp/ray, which every local Ray on the machine shares by default). Its jobs' workers get
-    RAY_API_SERVER_ADDRESS: Ray Train's placement-group cleaner calls the State API with
-    no address, which fails ("Found multiple active Ray instances") whenever another Ray
-    runs on the machine, as one does while a test's subprocess runs its own cluster.
-    """
-    temp_dir = tempfile.mkdtemp(prefix="ray-")  # in the session's short private TMPDIR
-    dashboard = free_port()
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
-             dashboard_host="127.0.0.1", dashboard_port=dashboard,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}})
-    try:
-        webui = ray._private.worker._global_node.address_info["webui_url"]
-        assert webui == f"127.0.0.1:{dashboard}", f"dashboard at {webui}, not on {dashboard}"
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
-def _no_training_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After a test on the session cluster, no placement group may be left reserved: a
-    training run that outlives its test (a failed test's thread, say) holds CPUs, and every
-    later test on the cluster would wait for them. Such a run is stopped and the test
-    errors, so one failure stays one failure instead of hanging the rest of the suite."""
+def _no_training_left_running(no_training_left_running: None) -> Iterator[None]:
     yield
-    if "ray_cluster" not in request.fixturenames or not ray.is_initialized():
-        return
-    try:  # a run that has just ended frees its placement groups asynchronously
-        wait_until(lambda: not _reserved_placement_groups(), "placement groups released",
-                   timeout_s=60)
-    except AssertionError:
-        left = _reserved_placement_groups()
-        _stop_training_runs()
-        pytest.fail(f"the test left {len(left)} placement group(s) reserved: {left}; "
-                    "stopped its training run(s)")
-
-
-def _reserved_placement_groups() -> list[str]:
-    return [pg_id for pg_id, pg in ray.util.placement_group_table().items()
-            if pg["state"] != "REMOVED"]
-
-
-def _stop_training_runs() -> None:
-    """Kill the session cluster's Train controllers (their workers go with them) and
-    remove whatever placement groups are still reserved."""
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-    from ray.util.state import list_actors
-
-    for actor in list_actors(address=ray.get_runtime_context().gcs_address,
-                             filters=[("class_name", "=", "TrainController"),
-                                      ("state", "=", "ALIVE")]):
-        try:
-            os.kill(actor.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for pg_id in _reserved_placement_groups():
-        remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
-
-
-@pytest.fixture
-def tiny_spec(tmp_path: Path):
-    """Load the tiny spec with every piece of state under this test's tmp_path."""
-    def make(*overrides: str) -> JobSpec:
-        return load(SPEC, [
-            f"data.cache_dir={tmp_path / 'cache'}",
-            f"train.storage_path={tmp_path / 'ray'}",
-            f"tune.storage_path={tmp_path / 'ray'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            f"serve.port={free_port()}",
-            *overrides,
-        ])
-    return make

@@ -4,40 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import cloudpickle
-import datasets
 import httpx
 import openai
 import pytest
 from ray import serve
 
-from lmforge.config import ModelConfig, ServeConfig, TokenizerConfig
-from lmforge.data import build_tokenizer
-from lmforge.model import build_model
-from lmforge.registry import LoadedModel
+from lmforge.config import ServeConfig
 from lmforge.serve import build_app, deploy
 
+from ..ray_fixtures import tiny_model
 from .helpers import free_port
 
 API_KEY = "test-key-123"
-
-# The loader below lives in this test module, which replicas cannot import: ship it by value.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-def tiny_model(uri: str) -> LoadedModel:
-    import torch
-
-    corpus = datasets.Dataset.from_dict({"text": ["the quick brown fox jumps over the lazy dog",
-                                                  "System: User: Assistant:\n"]})
-    tokenizer = build_tokenizer(TokenizerConfig(kind="char"), corpus)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64),
-                        len(tokenizer), tokenizer.eos_token_id)
-    return LoadedModel(model.eval(), tokenizer, name=uri)
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ from lmforge.registry import LoadedModel
 from lmforge.serve import build_app, deploy, pin_alias
 from lmforge.serve.app import VERSION_HEADER
 
+from ..ray_fixtures import tiny_model
 from .helpers import free_port, wait_until
-from .test_serve import tiny_model
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

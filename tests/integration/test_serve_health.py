@@ -22,8 +22,8 @@ from lmforge.config import ServeConfig
 from lmforge.registry import LoadedModel
 from lmforge.serve import build_app, deploy
 
+from ..ray_fixtures import tiny_model
 from .helpers import free_port, replica_pids, replica_states, wait_until
-from .test_serve import tiny_model
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -6,53 +6,15 @@ promotion gate makes it `champion`, and MLflow's own API loads it by alias and g
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
 from lmforge.pipeline import Stages, execute
 from lmforge.tune import ResourceError, run_search
-
-from .helpers import BIN, free_port, wait_until
-
-
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    """A real tracking server on 127.0.0.1 with a SQLite backend and proxied artifacts."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"),  # noqa: SIM115
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:  # readiness: poll /health, bounded
-        assert proc.poll() is None, "mlflow server exited"
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(healthy, "mlflow server /health", timeout_s=90, interval_s=0.25)
-    except AssertionError as e:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"mlflow server did not start ({e}): "
-                    f"{(tmp_path / 'server.log').read_text()}")
-    yield url
-    os.killpg(proc.pid, signal.SIGKILL)  # the server and its workers: state is in tmp_path
-    proc.wait(timeout=30)
 
 
 def test_concurrent_search_on_mlflow_server(ray_cluster, tiny_spec, tmp_path: Path,
