@@ -289,14 +289,23 @@ def submit(
     submission_id: Annotated[str | None, typer.Option(
         help="Job id to use (default: run name + random suffix); an existing id is refused."
     )] = None,
+    forward_secrets: Annotated[bool, typer.Option(
+        "--forward-secrets", help="Also send the secrets set here (LMFORGE_API_KEYS, "
+        "AWS_SECRET_ACCESS_KEY, HF_TOKEN, MLflow's password or token, ...) and secret "
+        "overrides (serve.api_keys=...) with the job, where anyone who can list the "
+        "cluster's jobs or open its dashboard reads them. Default: they stay here and the "
+        "nodes need their own (docs/clusters.md#secrets).")] = False,
 ) -> None:
     """Send `lmforge run SPEC` to a Ray cluster through the Jobs API; print the job id.
 
     The project directory is the job's working_dir; the MLflow tracking URI travels as
-    MLFLOW_TRACKING_URI, and LMFORGE_API_KEYS, HF_TOKEN and object-store credentials as
-    their own variables when set. The job is tagged with the run name (metadata
-    lmforge.run_name): resubmitting a run whose last job FAILED or was STOPPED resumes it;
-    a run still PENDING or RUNNING, or one that SUCCEEDED (without --resume), is refused.
+    MLFLOW_TRACKING_URI, and endpoints (MLFLOW_S3_ENDPOINT_URL, AWS_DEFAULT_REGION) as
+    their own variables when set. Secrets do not travel: Ray shows a job's environment to
+    anyone who can list jobs, so the cluster's nodes get them from their own environment
+    (docs/clusters.md#secrets), unless --forward-secrets. The job is tagged with the run
+    name (metadata lmforge.run_name): resubmitting a run whose last job FAILED or was
+    STOPPED resumes it; a run still PENDING or RUNNING, or one that SUCCEEDED (without
+    --resume), is refused.
     Ray's token auth (~/.ray/auth_token) is used when present.
     """
     from lmforge import jobs
@@ -307,7 +316,24 @@ def submit(
                   "(in the spec or as an override) to the run to continue", highlight=False)
         raise typer.Exit(2)
     job.tracking.run_name = job.tracking.run_name or default_run_name(spec)
-    env = jobs.job_env(resolve_tracking_uri(job.tracking, Path("runs")), dict(os.environ))
+    environ = dict(os.environ)
+    env = jobs.job_env(resolve_tracking_uri(job.tracking, Path("runs")), environ,
+                       forward_secrets)
+    try:
+        jobs.check_no_secrets(jobs.flat_fields(job.model_dump(mode="json")) | env,
+                              overrides or [], forward_secrets)
+    except ValueError as e:
+        err.print(f"[bold red]not submitted[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    if secrets := jobs.secrets_set(environ, overrides or []):
+        if forward_secrets:
+            err.print(f"[bold yellow]WARNING[/] --forward-secrets: sending {', '.join(secrets)} "
+                      f"with the job (runtime_env, entrypoint). {jobs.EXPOSED}.",
+                      highlight=False)
+        else:
+            err.print(f"Not sent with the job (secrets): {', '.join(secrets)}; the cluster's "
+                      "nodes need their own (docs/clusters.md#secrets), or pass "
+                      "--forward-secrets.", highlight=False)
     try:
         submitted = jobs.submit(address, spec, overrides or [], job.tracking.run_name, Path.cwd(),
                                 env, submission_id=submission_id, resume=resume)

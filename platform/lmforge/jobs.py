@@ -10,11 +10,15 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
 AGENT_WAIT_S = 60
-_EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/"]
+# Local state never travels: a stray MLflow store (mlflow.db, mlruns/, mlartifacts/) in the
+# project would be uploaded to the cluster's GCS with the code, run history and models too.
+_EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/",
+             "mlflow.db", "mlruns/", "mlartifacts/"]
 
 
 def _enable_token_auth() -> None:
@@ -35,13 +39,31 @@ def client(address: str) -> JobSubmissionClient:
     return JobSubmissionClient(address)
 
 
-# Secrets and endpoints a job needs, passed by environment when the submitter has them set,
-# so they never sit in a spec file, a command line or the job's metadata.
+# What a job needs from the submitter's environment when set. Secrets among them (`is_secret`)
+# are not sent unless asked: Ray keeps a job's runtime_env, entrypoint and metadata in the
+# clear and returns them to anyone who can list jobs (`ray job list`, the Jobs API, the
+# dashboard). The cluster's nodes get secrets from their own environment instead
+# (docs/clusters.md#secrets).
 FORWARDED_ENV = ("LMFORGE_API_KEYS", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                  "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                  "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL",
                  "GOOGLE_APPLICATION_CREDENTIALS")
+_SECRET = re.compile(r"(?:^|_)(?:SECRETS?|TOKEN|PASSWORD|PASSWD|KEYS?)(?:_|$)")
+EXPOSED = ("Ray stores a job's runtime_env and entrypoint in the clear and shows them to anyone "
+           "who can reach the cluster's dashboard or Jobs API (`ray job list`, the dashboard's "
+           "job page) for as long as the job is kept")
+
+
+def is_secret(name: str) -> bool:
+    """The one rule for what is a secret: an environment variable or a spec field
+    (`serve.api_keys`) with a word SECRET(S), TOKEN, PASSWORD, PASSWD or KEY(S) in its name
+    (AWS_SECRET_ACCESS_KEY, AWS_ACCESS_KEY_ID, HF_TOKEN, LMFORGE_API_KEYS). Whole words:
+    `tokenizer.kind` and `serve.max_tokens_limit` are not secrets. A secret never travels
+    in a job's metadata unless the user asks."""
+    return bool(_SECRET.search(re.sub(r"[.\-]", "_", name.upper())))
+
+
 ACTIVE = ("PENDING", "RUNNING")
 RUN_NAME_KEY = "lmforge.run_name"
 
@@ -58,10 +80,65 @@ class Submitted:
     the run by itself."""
 
 
-def job_env(tracking_uri: str, environ: dict[str, str]) -> dict[str, str]:
-    """The job's env_vars: the MLflow tracking URI plus the secrets set in `environ`."""
+def job_env(tracking_uri: str, environ: dict[str, str], forward_secrets: bool = False
+            ) -> dict[str, str]:
+    """The job's env_vars: the MLflow tracking URI plus the FORWARDED_ENV set in `environ`,
+    the secrets among them only with `forward_secrets`."""
     return {"MLFLOW_TRACKING_URI": tracking_uri} | {
-        k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
+        k: environ[k] for k in FORWARDED_ENV
+        if environ.get(k) and (forward_secrets or not is_secret(k))}
+
+
+def secrets_set(environ: dict[str, str], overrides: list[str]) -> list[str]:
+    """The FORWARDED_ENV secrets set in `environ` and the secret fields `overrides` set:
+    what `job_env` and `check_no_secrets` keep out of the job unless forward_secrets."""
+    return [k for k in FORWARDED_ENV if environ.get(k) and is_secret(k)] + [
+        key for o in overrides if is_secret(key := o.split("=", 1)[0])]
+
+
+def check_no_secrets(fields: dict[str, Any], overrides: list[str],
+                     forward_secrets: bool = False) -> None:
+    """Refuse, naming the field, what would put a secret in the job's metadata: a URI with
+    credentials in it (`scheme://user:password@host`), anywhere in the spec or the
+    environment sent (always: there is a place for each credential), and an override of a
+    secret field such as `serve.api_keys=[...]` on the command line (unless
+    `forward_secrets`). `fields`: dotted spec paths and env names to their values."""
+    for field, value in fields.items():
+        if isinstance(value, str) and "://" in value:
+            try:
+                password = urlsplit(value).password
+            except ValueError:
+                continue
+            if password is not None:
+                raise ValueError(
+                    f"{field}: the URI holds credentials (user:password@), which would "
+                    f"travel in the job's metadata; {EXPOSED}. Give the cluster's nodes the "
+                    "credentials by environment (for MLflow: MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD; docs/clusters.md#secrets) and drop them "
+                    "from the URI")
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if is_secret(key) and not forward_secrets:
+            raise ValueError(
+                f"{key}: a secret on the command line would travel in the job's entrypoint; "
+                f"{EXPOSED}. Give the cluster's nodes LMFORGE_API_KEYS (or the secret's own "
+                "variable) by environment (docs/clusters.md#secrets), or pass "
+                "--forward-secrets to send it anyway")
+
+
+def flat_fields(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict (a spec's model_dump) as {dotted.path: leaf value}."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out |= flat_fields(v, f"{prefix}{k}.")
+        return out
+    if isinstance(tree, list):
+        out = {}
+        for i, v in enumerate(tree):
+            out |= flat_fields(v, f"{prefix}{i}.")
+        return out
+    return {prefix.rstrip("."): tree}
 
 
 def entrypoint(spec_rel: str, overrides: list[str], run_name: str,

@@ -36,11 +36,58 @@ def fake(monkeypatch):
     return use
 
 
-def test_job_env_forwards_only_secrets_that_are_set():
-    env = jobs.job_env("http://mlflow:5000", {"HF_TOKEN": "hf_x", "LMFORGE_API_KEYS": "a,b",
-                                               "AWS_ACCESS_KEY_ID": "", "HOME": "/root"})
+ENVIRON = {"HF_TOKEN": "hf_x", "LMFORGE_API_KEYS": "a,b", "AWS_ACCESS_KEY_ID": "",
+           "AWS_SECRET_ACCESS_KEY": "s", "MLFLOW_TRACKING_PASSWORD": "pw",
+           "AWS_DEFAULT_REGION": "eu-west-1", "HOME": "/root"}
+
+
+def test_job_env_sends_no_secret_by_default():
+    env = jobs.job_env("http://mlflow:5000", ENVIRON)
+    assert env == {"MLFLOW_TRACKING_URI": "http://mlflow:5000",
+                   "AWS_DEFAULT_REGION": "eu-west-1"}
+    assert jobs.secrets_set(ENVIRON, ["train.steps=5", "serve.api_keys=[k]"]) == [
+        "LMFORGE_API_KEYS", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD",
+        "serve.api_keys"]
+
+
+def test_job_env_forwards_secrets_that_are_set_only_when_asked():
+    env = jobs.job_env("http://mlflow:5000", ENVIRON, forward_secrets=True)
     assert env == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "HF_TOKEN": "hf_x",
-                   "LMFORGE_API_KEYS": "a,b"}
+                   "LMFORGE_API_KEYS": "a,b", "AWS_SECRET_ACCESS_KEY": "s",
+                   "MLFLOW_TRACKING_PASSWORD": "pw", "AWS_DEFAULT_REGION": "eu-west-1"}
+
+
+@pytest.mark.parametrize("name", [
+    "LMFORGE_API_KEYS", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+    "CLIENT_SECRET", "MY_SECRETS_FILE", "DB_PASSWD", "OPENAI_API_KEY", "serve.api_keys"])
+def test_is_secret(name: str):
+    assert jobs.is_secret(name)
+
+
+@pytest.mark.parametrize("name", [
+    "MLFLOW_TRACKING_URI", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_S3_ENDPOINT_URL", "tokenizer.kind", "serve.max_tokens_limit", "HOME", "MONKEY"])
+def test_is_not_secret(name: str):
+    assert not jobs.is_secret(name)
+
+
+def test_credentials_in_a_uri_are_refused_naming_the_field():
+    fields = jobs.flat_fields({"tracking": {"uri": "http://bob:hunter2@mlflow:5000"},
+                               "train": {"steps": 5}})
+    assert fields == {"tracking.uri": "http://bob:hunter2@mlflow:5000", "train.steps": 5}
+    with pytest.raises(ValueError, match=r"^tracking\.uri: the URI holds credentials"):
+        jobs.check_no_secrets(fields, [], forward_secrets=True)  # never sent, even asked
+    with pytest.raises(ValueError, match=r"^MLFLOW_S3_ENDPOINT_URL: "):
+        jobs.check_no_secrets({"MLFLOW_S3_ENDPOINT_URL": "https://k:s@minio:9000"}, [])
+    jobs.check_no_secrets({"tracking.uri": "http://bob@mlflow:5000", "x": "s3://b/p"}, [])
+
+
+def test_secret_override_is_refused_unless_forwarding():
+    with pytest.raises(ValueError, match=r"^serve\.api_keys: a secret on the command line"):
+        jobs.check_no_secrets({}, ["train.steps=5", "serve.api_keys=[k]"])
+    jobs.check_no_secrets({}, ["serve.api_keys=[k]"], forward_secrets=True)
+    jobs.check_no_secrets({}, ["serve.max_tokens_limit=64", "tokenizer.kind=char"])
 
 
 def test_submit_packages_the_project_and_tags_the_run(fake):
@@ -54,6 +101,7 @@ def test_submit_packages_the_project_and_tags_the_run(fake):
         "train.steps=5", "tracking.run_name=my-run", "--resume"]
     env = kw["runtime_env"]
     assert env["working_dir"] == str(ROOT) and ".venv/" in env["excludes"]
+    assert {"mlflow.db", "mlruns/", "mlartifacts/"} <= set(env["excludes"])
     assert env["py_modules"] == [str(ROOT / "platform" / "lmforge")]
     assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "sqlite:///x.db"}
     assert kw["metadata"]["lmforge.run_name"] == "my-run"
@@ -159,3 +207,53 @@ def test_resume_if_started_continues_this_run_or_starts_it(tmp_path: Path):
     assert not run.started()  # but r never started: start it, do not continue the other
     run.record(state)
     assert run.started() and resume_target(spec, False, SPEC).name == "r"
+
+
+def _submit_cli(*args: str):  # noqa: ANN202
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    return CliRunner().invoke(app, ["submit", str(SPEC.relative_to(ROOT)),
+                                    "tracking.run_name=r", *args, "--address", "http://h:8265"])
+
+
+def test_submit_keeps_secrets_out_of_the_job_and_says_so(fake, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("LMFORGE_API_KEYS", "k1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    f = fake()
+    result = _submit_cli()
+    assert result.exit_code == 0, result.output
+    (kw,) = f.submitted
+    assert not {"LMFORGE_API_KEYS", "AWS_SECRET_ACCESS_KEY"} & set(kw["runtime_env"]["env_vars"])
+    assert "k1" not in str(kw)
+    stderr = " ".join(result.stderr.split())
+    assert "Not sent with the job (secrets): LMFORGE_API_KEYS, AWS_SECRET_ACCESS_KEY" in stderr
+
+
+def test_forward_secrets_sends_them_with_a_warning_naming_what_ray_exposes(fake, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("LMFORGE_API_KEYS", "k1")
+    f = fake()
+    result = _submit_cli("serve.api_keys=[k2]", "--forward-secrets")
+    assert result.exit_code == 0, result.output
+    (kw,) = f.submitted
+    assert kw["runtime_env"]["env_vars"]["LMFORGE_API_KEYS"] == "k1"
+    assert "serve.api_keys=[k2]" in kw["entrypoint"]
+    stderr = " ".join(result.stderr.split())
+    assert "WARNING --forward-secrets: sending LMFORGE_API_KEYS, serve.api_keys" in stderr
+    assert "ray job list" in stderr and "dashboard" in stderr
+
+
+def test_submit_refuses_a_secret_override_or_a_uri_with_credentials(fake, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    f = fake()
+    result = _submit_cli("serve.api_keys=[k2]")
+    assert result.exit_code == 2 and "serve.api_keys: a secret on the command line" in \
+        " ".join(result.stderr.split())
+    result = _submit_cli("tracking.uri=http://bob:pw@mlflow:5000")
+    assert result.exit_code == 2 and "tracking.uri: the URI holds credentials" in \
+        " ".join(result.stderr.split())
+    assert "pw" not in result.stderr
+    assert f.submitted == []
