@@ -45,9 +45,9 @@ def bare_pytorch(steps: int, threads: int) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     model = build_model(spec.model, data.vocab_size, data.eos_id)
     optimizer = make_optimizer(model, cfg)
-    shard = BlockShard(data.train_path, spec.model.block_size, 0, 1, cfg.seed,
+    shard = BlockShard(data, spec.model.block_size, 0, 1, cfg.seed,
                        cfg.micro_batch_size)
-    val = ValidationSet(data.val_path, spec.model.block_size, 0, 1, cfg.micro_batch_size,
+    val = ValidationSet(data, spec.model.block_size, 0, 1, cfg.micro_batch_size,
                         cfg.eval_batches)
     train_time = 0.0
     model.train()

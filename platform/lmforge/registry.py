@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from mlflow.exceptions import MlflowException
@@ -28,6 +27,7 @@ from transformers import (
 
 from lmforge.config import JobSpec, RegistryConfig, SpecError
 from lmforge.data import PreparedData
+from lmforge.data.blocks import ShardSet
 from lmforge.tracking import RunTracker
 
 # Pinned to what is installed: MLflow's default requirement probing imports torchvision,
@@ -208,7 +208,7 @@ def heldout_text(data: PreparedData, max_chars: int) -> str:
     """The start of the spec's validation split as text: the same characters for every
     version, whatever its tokenizer."""
     tokenizer = data.tokenizer()
-    ids = np.load(data.val_path, mmap_mode="r")[: max_chars + 1]
+    ids = ShardSet(data, "validation", block_size=1).head(max_chars + 1)
     return tokenizer.decode(ids.tolist(), skip_special_tokens=True)[:max_chars]
 
 

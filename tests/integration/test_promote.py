@@ -40,7 +40,7 @@ def checkpoint(spec: JobSpec, data: PreparedData, directory: Path, train_steps: 
     model = build_model(spec.model, data.vocab_size, data.eos_id)
     if train_steps:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        shard = BlockShard(data.train_path, spec.model.block_size, 0, 1, 0, 16)
+        shard = BlockShard(data, spec.model.block_size, 0, 1, 0, 16)
         for step in range(train_steps):
             x, y = shard.batch(step)
             F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten()).backward()

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lmforge.config import ModelConfig, TokenizerConfig
+from lmforge.data.manifest import Manifest, PreparedData, Shard, write_manifest
 from lmforge.data.tokenizer import build_tokenizer
 from lmforge.model import build_model
 
@@ -87,15 +88,39 @@ def write_jsonl(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
-@pytest.fixture
-def write_stream(tmp_path: Path) -> Callable[..., str]:
-    """write_stream(n) -> path of an .npy token stream 0, 1, ..., n-1 (so a token is its
-    own position, which makes windows easy to check)."""
+def make_entry(directory: Path, train: list[np.ndarray], validation: list[np.ndarray],
+               fingerprint: str = "f" * 16) -> PreparedData:
+    """A cache entry in the manifest layout holding the given token shards (no tokenizer)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: dict[str, tuple[Shard, ...]] = {}
+    for split, arrays in (("train", train), ("validation", validation)):
+        (directory / split).mkdir()
+        shards[split] = tuple(Shard(f"{split}/{i:05d}.npy", len(a)) for i, a in enumerate(arrays))
+        for shard, a in zip(shards[split], arrays, strict=True):
+            np.save(directory / shard.file, a)
+    manifest = Manifest(fingerprint=fingerprint, dtype=np.dtype(train[0].dtype).name,
+                        vocab_size=65536, eos_id=0, train=shards["train"],
+                        validation=shards["validation"])
+    write_manifest(str(directory), manifest)
+    return PreparedData(fingerprint, str(directory), manifest)
 
-    def write(n: int, name: str = "stream.npy") -> str:
-        path = tmp_path / name
-        np.save(path, np.arange(n, dtype=np.uint16))
-        return str(path)
+
+@pytest.fixture
+def write_entry(tmp_path: Path) -> Callable[..., PreparedData]:
+    """write_entry(train=[n, ...], validation=[m, ...]) -> an entry whose shards hold the
+    token stream 0, 1, 2, ... (train shards, then validation), so a token is its own global
+    position, which makes windows easy to check. An array in place of a size is written as
+    it is."""
+
+    def write(train: list[int | np.ndarray], validation: list[int | np.ndarray] = (9,),
+              name: str = "entry") -> PreparedData:
+        arrays, position = [], 0
+        for part in [*train, *validation]:
+            if isinstance(part, int):
+                part = np.arange(position, position + part, dtype=np.uint32)
+            arrays.append(part)
+            position += len(part)
+        return make_entry(tmp_path / name, arrays[: len(train)], arrays[len(train) :])
 
     return write
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-import torch
 
 import lmforge.data.packing as packing
 from lmforge.config import DataConfig, TokenizerConfig
-from lmforge.data import BlockShard, ValidationSet, prepare_data
+from lmforge.data import PreparedData, prepare_data
+from lmforge.data.manifest import Shard
 from lmforge.data.tokenizer import EOS, build_tokenizer
 
 ROUND_TRIP = [
@@ -31,8 +31,13 @@ def cfg(tmp_path, **data) -> DataConfig:
     return DataConfig(cache_dir=str(tmp_path / "cache"), **data)
 
 
+def split_stream(prepared, split: str) -> np.ndarray:
+    return np.concatenate([np.load(prepared.local_path(s.file))
+                           for s in prepared.manifest.shards(split)])
+
+
 def whole_stream(prepared) -> np.ndarray:
-    return np.concatenate([np.load(prepared.train_path), np.load(prepared.val_path)])
+    return np.concatenate([split_stream(prepared, "train"), split_stream(prepared, "validation")])
 
 
 # --- tokenizers ----------------------------------------------------------------------
@@ -122,21 +127,40 @@ def test_split_sizes_follow_val_fraction(tmp_path, two_docs, val_fraction):
     total = len(a) + len(b) + 2
     assert prepared.train_tokens + prepared.val_tokens == total
     assert prepared.val_tokens == int(total * val_fraction)
-    assert len(np.load(prepared.train_path)) == prepared.train_tokens
-    assert len(np.load(prepared.val_path)) == prepared.val_tokens
+    assert len(split_stream(prepared, "train")) == prepared.train_tokens
+    assert len(split_stream(prepared, "validation")) == prepared.val_tokens
     # Validation is the tail of the stream.
-    tail = prepared.tokenizer().decode(np.load(prepared.val_path))
+    tail = prepared.tokenizer().decode(split_stream(prepared, "validation"))
     assert (a + EOS + b + EOS).endswith(tail)
 
 
 def test_prepared_data_describes_its_files(tmp_path, two_docs):
     d, _, _ = two_docs
     prepared = prepare_data(cfg(tmp_path, path=str(d)), CHAR, 16)
-    assert prepared.dir.startswith(str(tmp_path / "cache"))
-    assert prepared.dir.endswith(prepared.fingerprint)
+    entry = Path(prepared.entry)
+    assert entry == tmp_path / "cache" / prepared.fingerprint
     assert prepared.vocab_size == len(prepared.tokenizer())
     assert prepared.eos_id == prepared.tokenizer().eos_token_id
-    assert np.load(prepared.train_path).dtype == np.uint16
+    assert prepared.tokenizer_dir == str(entry / "tokenizer")
+    # The manifest layout (data/manifest.py), read back as a worker would.
+    assert sorted(p.name for p in entry.iterdir()) == ["manifest.json", "tokenizer", "train",
+                                                      "validation"]
+    assert PreparedData.open(str(entry)) == prepared
+    assert prepared.manifest.train == (Shard("train/00000.npy", prepared.train_tokens),)
+    assert prepared.manifest.validation == (Shard("validation/00000.npy", prepared.val_tokens),)
+    assert prepared.manifest.dtype == "uint16"
+    assert np.load(entry / "train/00000.npy").dtype == np.uint16
+
+
+def test_a_large_split_is_written_as_several_shards(tmp_path, two_docs, monkeypatch):
+    d, a, b = two_docs
+    monkeypatch.setattr(packing, "SHARD_TOKENS", 100)
+    prepared = prepare_data(cfg(tmp_path, path=str(d)), CHAR, 16)
+    train = prepared.manifest.train
+    assert len(train) == -(-prepared.train_tokens // 100) > 1
+    assert [s.file for s in train[:2]] == ["train/00000.npy", "train/00001.npy"]
+    assert all(s.tokens == 100 for s in train[:-1])
+    assert prepared.tokenizer().decode(whole_stream(prepared)) == a + EOS + b + EOS
 
 
 def test_bpe_prepare_data_records_vocab(tmp_path, two_docs):
@@ -152,7 +176,7 @@ def test_second_prepare_reuses_the_cache(tmp_path, two_docs, monkeypatch):
     d, _, _ = two_docs
     data = cfg(tmp_path, path=str(d))
     first = prepare_data(data, CHAR, 16)
-    mtime = (tmp_path / "cache" / first.fingerprint / "meta.json").stat().st_mtime_ns
+    mtime = (tmp_path / "cache" / first.fingerprint / "manifest.json").stat().st_mtime_ns
 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("prepare_data rebuilt a cached entry")
@@ -160,26 +184,33 @@ def test_second_prepare_reuses_the_cache(tmp_path, two_docs, monkeypatch):
     monkeypatch.setattr(packing, "_build", no_rebuild)
     second = prepare_data(data, CHAR, 16)
     assert second == first
-    assert (tmp_path / "cache" / first.fingerprint / "meta.json").stat().st_mtime_ns == mtime
+    assert (tmp_path / "cache" / first.fingerprint / "manifest.json").stat().st_mtime_ns == mtime
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.fingerprint]
 
 
-@pytest.mark.parametrize("damage", ["meta.json", "train.npy", "tokenizer", "empty"])
+@pytest.mark.parametrize("damage", ["manifest.json", "train/00000.npy", "tokenizer", "empty",
+                                    "old-layout"])
 def test_an_incomplete_cache_entry_is_moved_aside_and_rebuilt(tmp_path, two_docs, damage):
     d, _, _ = two_docs
     data = cfg(tmp_path, path=str(d))
     first = prepare_data(data, CHAR, 16)
-    entry = Path(first.dir)
+    entry = Path(first.entry)
+    stream = whole_stream(first)
     if damage == "empty":
         shutil.rmtree(entry)
         entry.mkdir()
     elif damage == "tokenizer":
         shutil.rmtree(entry / damage)
+    elif damage == "old-layout":  # an entry of the previous layout (meta.json, train.npy)
+        shutil.rmtree(entry)
+        entry.mkdir()
+        (entry / "meta.json").write_text("{}")
+        np.save(entry / "train.npy", stream)
     else:
         (entry / damage).unlink()
     second = prepare_data(data, CHAR, 16)
-    assert second == first and (entry / "meta.json").exists()
-    assert np.array_equal(np.load(second.train_path), whole_stream(first)[:first.train_tokens])
+    assert second == first and (entry / "manifest.json").exists()
+    assert np.array_equal(whole_stream(second), stream)
     (aside,) = [p for p in entry.parent.iterdir() if p.name != first.fingerprint]
     assert aside.name.startswith(f".{first.fingerprint}-incomplete-")
 
@@ -223,91 +254,3 @@ def test_mixed_file_kinds_are_refused(tmp_path, write_jsonl):
         prepare_data(cfg(tmp_path, path=str(tmp_path)), CHAR, 8)
 
 
-# --- BlockShard / ValidationSet ------------------------------------------------------
-
-BLOCK = 8
-
-
-def shard(path: str, rank: int = 0, world: int = 2, seed: int = 7, batch: int = 3) -> BlockShard:
-    return BlockShard(path, BLOCK, rank, world, seed, batch)
-
-
-def starts(x: torch.Tensor) -> set[int]:
-    """With the stream 0..n-1 a block's first token is its start position."""
-    return {int(s) for s in x[:, 0]}
-
-
-def test_targets_are_inputs_shifted_by_one(write_stream):
-    path = write_stream(BLOCK * 40 + 1)
-    stream = np.load(path)
-    x, y = shard(path).batch(0)
-    assert x.shape == y.shape == (3, BLOCK)
-    assert x.dtype == torch.int64
-    for row_x, row_y in zip(x, y, strict=True):
-        s = int(row_x[0])
-        assert s % BLOCK == 0
-        assert row_x.tolist() == stream[s : s + BLOCK].tolist()
-        assert row_y.tolist() == stream[s + 1 : s + BLOCK + 1].tolist()
-
-
-def test_ranks_get_disjoint_blocks_within_an_epoch(write_stream):
-    path = write_stream(BLOCK * 40 + 1)
-    seen = []
-    for rank in (0, 1):
-        s = shard(path, rank=rank)
-        epoch = [starts(s.batch(step)[0]) for step in range(s.batches_per_epoch)]
-        blocks = set().union(*epoch)
-        assert len(blocks) == s.batches_per_epoch * 3  # no block repeats within a rank
-        seen.append(blocks)
-    assert seen[0].isdisjoint(seen[1])
-
-
-def test_batches_are_a_function_of_seed_and_step(write_stream):
-    path = write_stream(BLOCK * 40 + 1)
-    run = shard(path)
-    uninterrupted = [run.batch(step) for step in range(12)]
-    resumed = shard(path)  # a fresh process resuming at step 5
-    for step in range(5, 12):
-        x, y = resumed.batch(step)
-        assert torch.equal(x, uninterrupted[step][0])
-        assert torch.equal(y, uninterrupted[step][1])
-    other_seed = shard(path, seed=8)
-    assert any(not torch.equal(other_seed.batch(i)[0], uninterrupted[i][0]) for i in range(6))
-
-
-def test_each_epoch_is_reshuffled(write_stream):
-    path = write_stream(BLOCK * 40 + 1)
-    s = shard(path)
-    n = s.batches_per_epoch
-    assert n > 1
-    epoch0 = [starts(s.batch(i)[0]) for i in range(n)]
-    epoch1 = [starts(s.batch(n + i)[0]) for i in range(n)]
-    assert set().union(*epoch0) != set() and epoch0 != epoch1
-
-
-def test_micro_batch_larger_than_shard_is_refused(write_stream):
-    path = write_stream(BLOCK * 10 + 1)  # 10 blocks, 5 per rank
-    with pytest.raises(ValueError, match="train.micro_batch_size"):
-        shard(path, batch=6)
-
-
-def test_validation_set_is_the_same_every_pass(write_stream):
-    path = write_stream(BLOCK * 30 + 1)
-    val = ValidationSet(path, BLOCK, rank=1, world_size=2, batch_size=4, max_batches=3)
-    first, second = list(val), list(val)
-    assert len(first) == 3
-    for (x1, y1), (x2, y2) in zip(first, second, strict=True):
-        assert torch.equal(x1, x2) and torch.equal(y1, y2)
-        assert torch.equal(y1[:, :-1], x1[:, 1:])
-    other = ValidationSet(path, BLOCK, rank=0, world_size=2, batch_size=4, max_batches=3)
-    rank0 = set().union(*(starts(x) for x, _ in other))
-    rank1 = set().union(*(starts(x) for x, _ in first))
-    assert rank0.isdisjoint(rank1)
-
-
-def test_tiny_validation_split_is_shared_by_many_ranks(write_stream):
-    path = write_stream(BLOCK + 1)  # one block
-    val = ValidationSet(path, BLOCK, rank=3, world_size=4, batch_size=2, max_batches=5)
-    batches = list(val)
-    assert len(batches) == 1
-    assert batches[0][0].tolist() == [list(range(BLOCK))]

@@ -148,10 +148,10 @@ def test_optimizer_steps_lower_the_loss():
     assert losses[-1] < 0.8 * losses[0]
 
 
-def test_evaluate_is_mean_token_loss_over_the_fixed_set(tmp_path):
-    path = tmp_path / "val.npy"
-    np.save(path, np.random.default_rng(0).integers(0, VOCAB, 16 * 10 + 1).astype(np.uint16))
-    val = ValidationSet(str(path), TINY.block_size, 0, 1, batch_size=3, max_batches=2)
+def test_evaluate_is_mean_token_loss_over_the_fixed_set(write_entry):
+    tokens = np.random.default_rng(0).integers(0, VOCAB, 16 * 10 + 1).astype(np.uint16)
+    data = write_entry(train=[tokens], validation=[tokens])
+    val = ValidationSet(data, TINY.block_size, 0, 1, batch_size=3, max_batches=2)
     model = tiny().train()
     got = evaluate(model, val, torch.device("cpu"))
     with torch.no_grad():

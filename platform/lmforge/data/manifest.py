@@ -18,10 +18,17 @@ fingerprint and one entry serves every block size.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pyarrow.fs
+
+from lmforge import storage
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 MANIFEST = "manifest.json"
 VERSION = 2  # bump when the entry's layout or the packing changes
@@ -73,3 +80,82 @@ class Manifest:
         for split in ("train", "validation"):
             raw[split] = tuple(Shard(**s) for s in raw[split])
         return cls(**raw)
+
+
+def join(entry: str, relative: str) -> str:
+    """`relative` (a manifest's `train/00000.npy`) inside `entry`, a local directory or a URI."""
+    return f"{entry.rstrip('/')}/{relative}" if storage.is_uri(entry) else os.path.join(
+        entry, relative)
+
+
+def write_manifest(entry_dir: str, manifest: Manifest) -> None:
+    """Write a local entry's manifest.json last and atomically (temp name, then rename): a
+    reader sees no manifest or a whole one, never a partial file."""
+    tmp = os.path.join(entry_dir, f".{MANIFEST}.tmp")
+    with open(tmp, "w") as f:
+        f.write(manifest.to_json())
+    os.replace(tmp, os.path.join(entry_dir, MANIFEST))
+
+
+def read_manifest(entry: str) -> Manifest | None:
+    """The manifest of `entry` (local directory or URI); None when the entry has none (it
+    is absent or incomplete). A manifest of another VERSION raises ValueError."""
+    fs, inner = storage.filesystem(join(entry, MANIFEST), "data.cache_dir")
+    if fs.get_file_info(inner).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(inner) as f:
+        return Manifest.from_json(f.read().decode())
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A complete cache entry, as training finds it: plain values, so Ray ships it to every
+    worker, which opens the shards itself (`data.blocks`). `entry` is a local directory or
+    an object-store URI; files of a URI entry are read through `storage.local_copy`."""
+
+    fingerprint: str
+    entry: str
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, entry: str) -> PreparedData:
+        """The entry at `entry`; FileNotFoundError naming it when it has no manifest."""
+        manifest = read_manifest(entry)
+        if manifest is None:
+            raise FileNotFoundError(f"data cache entry {entry} has no {MANIFEST}: it is "
+                                    "missing or was never finished")
+        return cls(manifest.fingerprint, entry, manifest)
+
+    def path(self, relative: str) -> str:
+        """Where `relative` lives: a local path, or a URI for a remote entry."""
+        return join(self.entry, relative)
+
+    def local_path(self, relative: str) -> str:
+        """A local path holding `relative` (downloaded once per host for a remote entry)."""
+        return storage.local_copy(self.path(relative))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.vocab_size
+
+    @property
+    def eos_id(self) -> int:
+        return self.manifest.eos_id
+
+    @property
+    def train_tokens(self) -> int:
+        return self.manifest.tokens("train")
+
+    @property
+    def val_tokens(self) -> int:
+        return self.manifest.tokens("validation")
+
+    @property  # not cached: a pickled copy would carry the driver's local path to workers
+    def tokenizer_dir(self) -> str:
+        """The tokenizer as a local directory (a copy on this host for a remote entry)."""
+        return self.local_path("tokenizer")
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer_dir)

@@ -88,9 +88,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         resumed_from = state.step
         say(f"[lmforge] rank {rank}: attempt {state.attempt} resumes from step {state.step}")
 
-    shard = BlockShard(data.train_path, spec.model.block_size, rank, world, cfg.seed,
+    # Micro-batch index step * grad_accum + m: the same global batches for any world size.
+    shard = BlockShard(data, spec.model.block_size, rank, world, cfg.seed,
                        cfg.micro_batch_size)
-    val = ValidationSet(data.val_path, spec.model.block_size, rank, world,
+    val = ValidationSet(data, spec.model.block_size, rank, world,
                         cfg.micro_batch_size, cfg.eval_batches)
     log = tracker if rank == 0 else None
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * spec.model.block_size * world
