@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.data import BlockShard, ValidationSet
+from lmforge.data import BlockShard, PreparedData, ValidationSet
 from lmforge.data.blocks import Permutation
 
 BLOCK = 8
@@ -198,3 +198,70 @@ def test_tiny_validation_split_is_shared_by_many_ranks(write_entry):
     assert len(batches) == 1
     first = BLOCK * 10 + 1
     assert batches[0][0].tolist() == [list(range(first, first + BLOCK))]
+
+
+# --- a remote entry ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def s3(monkeypatch, tmp_path):
+    """An in-process moto S3 server (a thread, no Ray), the environment pointing pyarrow at
+    it, and a private read-through cache; yields a bucket URI."""
+    import pyarrow.fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true",
+           "LMFORGE_REMOTE_CACHE": str(tmp_path / "remote-cache")}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    pyarrow.fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing",
+                            secret_key="testing", region="us-east-1",
+                            allow_bucket_creation=True).create_dir("lmf-data")
+    yield "s3://lmf-data"
+    server.stop()
+
+
+def downloaded(tmp_path) -> list[str]:
+    return sorted(str(p.relative_to(tmp_path / "remote-cache")).split("/", 1)[1]
+                  for p in (tmp_path / "remote-cache").rglob("*.npy")
+                  if not p.parent.name.startswith(".part-"))
+
+
+def test_a_remote_entry_reads_the_same_batches_fetching_each_shard_when_needed(
+        write_entry, s3, tmp_path):
+    import pyarrow.fs
+
+    local = write_entry(train=[BLOCK * 12 + 1, BLOCK * 10 + 1, BLOCK * 14 + 1],
+                        validation=[BLOCK * 3 + 1, BLOCK * 4 + 1])
+    fs, root = pyarrow.fs.FileSystem.from_uri(f"{s3}/cache/{local.fingerprint}")
+    pyarrow.fs.copy_files(local.entry, root, destination_filesystem=fs)
+
+    remote = PreparedData.open(f"{s3}/cache/{local.fingerprint}")
+    assert remote.manifest == local.manifest and remote.entry.startswith("s3://")
+    shard = BlockShard(remote, BLOCK, 1, 2, 7, 3, prefetch=2)
+    val = ValidationSet(remote, BLOCK, 1, 2, batch_size=2, max_batches=2)
+    assert not (tmp_path / "remote-cache").exists()  # opening reads the manifest only
+
+    for (x, y), (lx, ly) in zip(val, ValidationSet(local, BLOCK, 1, 2, 2, 2), strict=True):
+        assert torch.equal(x, lx) and torch.equal(y, ly)
+    # Rank 1 of 2 validates on blocks 1, 3, 5 of 7 (shard 0 holds 0-2, shard 1 holds 3-6):
+    # both validation shards, and no training shard yet.
+    assert downloaded(tmp_path) == ["00000.npy", "00001.npy"]
+
+    plain = BlockShard(local, BLOCK, 1, 2, 7, 3, prefetch=0)
+    for i in range(2 * shard.batches_per_epoch):
+        x, y = shard.batch(i)
+        assert torch.equal(x, plain.batch(i)[0]) and torch.equal(y, plain.batch(i)[1])
+    shard.close()
+    assert len(downloaded(tmp_path)) == 5  # every shard once, however often it was read
+
+
+def test_an_entry_without_manifest_is_named(tmp_path):
+    (tmp_path / "half").mkdir()
+    with pytest.raises(FileNotFoundError, match="half has no manifest.json"):
+        PreparedData.open(str(tmp_path / "half"))
