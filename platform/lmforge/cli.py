@@ -131,6 +131,25 @@ def run(
 
 
 @app.command()
+def data(spec: SpecArg, overrides: Overrides = None) -> None:
+    """The data stage alone: list the corpus, train the tokenizer on a sample, tokenize and
+    pack it on Ray Data into token shards under data.cache_dir/FINGERPRINT/ (reused when
+    there). Progress goes to stderr; the last stdout line is the summary JSON."""
+    import ray
+
+    from lmforge.data.stage import run_stage
+
+    job = _load(spec, overrides, name_run=False)
+    try:
+        result = run_stage(job.data, job.tokenizer)
+    except ValueError as e:  # a spec field that cannot work (named in the message)
+        err.print(f"[bold red]data stage failed[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    ray.shutdown()  # before the summary, so it stays the last line on stdout
+    print(json.dumps(result.summary()), flush=True)
+
+
+@app.command()
 def train(spec: SpecArg, overrides: Overrides = None, resume: Resume = False) -> None:
     """Data and one distributed training run (registered when registry.enabled)."""
     job = _load(spec, overrides)

@@ -50,9 +50,23 @@ class DataConfig(Section):
     """For .txt files: one document per file, per blank-line paragraph, or per line.
     An end-of-text token separates documents in the packed stream."""
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
-    """Fraction of the token stream (its tail) held out for validation."""
+    """Fraction of the documents held out for validation, chosen by a stable hash of each
+    document's text (the same documents on every run and machine). A document longer than
+    100,000 characters (a book, a one-file corpus such as tinyshakespeare) gives its last
+    `val_fraction`, cut at a line end, to validation instead."""
     cache_dir: str = "runs/cache"
-    """Where tokenized, packed data is cached, keyed by a content fingerprint."""
+    """Where the token shards and their manifest are written, one entry per fingerprint: a
+    local directory, a directory on a shared mount, or an object-store URI (`s3://...`)."""
+    shard_tokens: int = Field(2**23, ge=1024)
+    """Tokens per shard file (the last shard of each block of work holds the rest). 2**23
+    tokens is 16 MB at uint16: a worker fetches a remote shard in well under a second, a
+    10-billion-token corpus is ~1,200 files, and the windows lost at shard ends are ~1e-4."""
+    block_bytes: int = Field(32 * 2**20, ge=1024)
+    """Input bytes per block of work: one Ray Data task reads and packs a block, so this
+    bounds each worker's memory, and a rerun after a kill skips every finished block."""
+    fingerprint: Literal["listing", "content"] = "listing"
+    """What names the cache entry besides the settings: `listing` (each file's path, size
+    and modification time; nothing is read) or `content` (a hash of every file's bytes)."""
 
 
 class TokenizerConfig(Section):
@@ -63,6 +77,10 @@ class TokenizerConfig(Section):
     """Vocabulary size for `bpe` (includes the 256 byte tokens and specials)."""
     path: str | None = None
     """Local tokenizer directory or hub id, for `kind: pretrained`."""
+    train_sample_bytes: int = Field(64 * 2**20, gt=0)
+    """`bpe` and `char` are trained on at most this many bytes of text, drawn from files
+    spread over the corpus, so training the tokenizer costs the same on 1 GB and 1 TB. A
+    `char` tokenizer maps characters its sample never saw to the end-of-text token."""
 
     @model_validator(mode="after")
     def _pretrained_needs_path(self) -> TokenizerConfig:
@@ -572,7 +590,7 @@ def _make_paths_absolute(spec: JobSpec) -> None:
 
 
 def _check_corpus(data: DataConfig, source: str) -> None:
-    if data.path is None:
+    if data.path is None or "://" in data.path:  # an object store is listed by the stage
         return
     if not corpus_files(data.path):
         raise SpecError(f"{source}: data.path: no corpus file found at {data.path!r}")

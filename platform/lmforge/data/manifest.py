@@ -7,8 +7,11 @@ object-store URI) and is named by its fingerprint:
       manifest.json          written last, in one put: present means every file it names
                              is whole (a killed stage leaves no manifest)
       tokenizer/             the Hugging Face tokenizer (tokenizer.json, its config)
-      train/00000.npy ...    1-D token arrays (the manifest's dtype); each document is
-      validation/00000.npy   followed by the end-of-text token
+      train/<key>-0000.npy   1-D token arrays (the manifest's dtype); each document is
+      validation/...         followed by the end-of-text token. The data stage
+                             (`data.stage`) names a shard by the hash of its block of
+                             input; readers take every name from the manifest
+      parts/<key>.json       the stage's per-block done markers (not read by workers)
 
 Training examples are windows of block_size + 1 tokens cut from one shard at a stride of
 block_size (a window never crosses shards), so the block size stays out of the
@@ -31,7 +34,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 MANIFEST = "manifest.json"
-VERSION = 2  # bump when the entry's layout or the packing changes
+VERSION = 3  # bump when the entry's layout or the packing changes (3: the Ray Data stage)
 Split = Literal["train", "validation"]
 
 

@@ -1,8 +1,12 @@
-"""Train (byte-level BPE or character-level) or load a tokenizer, as a HF fast tokenizer."""
+"""Train (byte-level BPE or character-level) or load a tokenizer, as a HF fast tokenizer.
+
+The data stage trains on a bounded sample of the corpus (`tokenizer.train_sample_bytes`),
+handed in as a list of texts; a `datasets.Dataset` with a `text` column works too.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import datasets
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -13,7 +17,10 @@ from lmforge.config import TokenizerConfig
 EOS = "<|endoftext|>"
 
 
-def build_tokenizer(cfg: TokenizerConfig, corpus: datasets.Dataset) -> PreTrainedTokenizerFast:
+Texts = Sequence[str] | datasets.Dataset
+
+
+def build_tokenizer(cfg: TokenizerConfig, corpus: Texts) -> PreTrainedTokenizerFast:
     if cfg.kind == "pretrained":
         tok = AutoTokenizer.from_pretrained(cfg.path)
         if tok.eos_token_id is None:
@@ -26,12 +33,13 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: datasets.Dataset) -> PreTraine
     return tok
 
 
-def _texts(corpus: datasets.Dataset, batch: int = 1000) -> Iterator[list[str]]:
+def _texts(corpus: Texts, batch: int = 1000) -> Iterator[list[str]]:
     for i in range(0, len(corpus), batch):
-        yield corpus[i : i + batch]["text"]
+        rows = corpus[i : i + batch]
+        yield rows["text"] if isinstance(corpus, datasets.Dataset) else list(rows)
 
 
-def _train_bpe(vocab_size: int, corpus: datasets.Dataset) -> Tokenizer:
+def _train_bpe(vocab_size: int, corpus: Texts) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -45,7 +53,7 @@ def _train_bpe(vocab_size: int, corpus: datasets.Dataset) -> Tokenizer:
     return tok
 
 
-def _char(corpus: datasets.Dataset) -> Tokenizer:
+def _char(corpus: Texts) -> Tokenizer:
     """One token per character seen in the corpus; unseen characters map to EOS.
 
     `tokenizers` has no character-level trainer, so the vocabulary is collected here and
