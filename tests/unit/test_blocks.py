@@ -11,6 +11,7 @@ import torch
 
 from lmforge.data import BlockShard, PreparedData, ValidationSet
 from lmforge.data.blocks import Permutation
+from lmforge.data.manifest import write_manifest
 
 BLOCK = 8
 
@@ -238,10 +239,16 @@ def test_a_remote_entry_reads_the_same_batches_fetching_each_shard_when_needed(
 
     local = write_entry(train=[BLOCK * 12 + 1, BLOCK * 10 + 1, BLOCK * 14 + 1],
                         validation=[BLOCK * 3 + 1, BLOCK * 4 + 1])
-    fs, root = pyarrow.fs.FileSystem.from_uri(f"{s3}/cache/{local.fingerprint}")
-    pyarrow.fs.copy_files(local.entry, root, destination_filesystem=fs)
+    uri = f"{s3}/cache/{local.fingerprint}"
+    fs, root = pyarrow.fs.FileSystem.from_uri(uri)
+    for shard in local.manifest.train + local.manifest.validation:
+        pyarrow.fs.copy_files(local.path(shard.file), f"{root}/{shard.file}",
+                              destination_filesystem=fs)
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        PreparedData.open(uri)  # shards without a manifest are not an entry yet
+    write_manifest(uri, local.manifest)  # last, in one put
 
-    remote = PreparedData.open(f"{s3}/cache/{local.fingerprint}")
+    remote = PreparedData.open(uri)
     assert remote.manifest == local.manifest and remote.entry.startswith("s3://")
     shard = BlockShard(remote, BLOCK, 1, 2, 7, 3, prefetch=2)
     val = ValidationSet(remote, BLOCK, 1, 2, batch_size=2, max_batches=2)

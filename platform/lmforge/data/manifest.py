@@ -91,13 +91,19 @@ def join(entry: str, relative: str) -> str:
         entry, relative)
 
 
-def write_manifest(entry_dir: str, manifest: Manifest) -> None:
-    """Write a local entry's manifest.json last and atomically (temp name, then rename): a
-    reader sees no manifest or a whole one, never a partial file."""
-    tmp = os.path.join(entry_dir, f".{MANIFEST}.tmp")
+def write_manifest(entry: str, manifest: Manifest) -> None:
+    """Write the entry's manifest.json, last and atomically: a local file under a temp name
+    renamed into place, or one object put (an object store shows a whole object or none).
+    A reader then sees no manifest or a whole one, never a partial file."""
+    if storage.is_uri(entry):
+        fs, inner = storage.filesystem(join(entry, MANIFEST), "data.cache_dir")
+        with fs.open_output_stream(inner) as f:
+            f.write(manifest.to_json().encode())
+        return
+    tmp = os.path.join(entry, f".{MANIFEST}.tmp")
     with open(tmp, "w") as f:
         f.write(manifest.to_json())
-    os.replace(tmp, os.path.join(entry_dir, MANIFEST))
+    os.replace(tmp, os.path.join(entry, MANIFEST))
 
 
 def read_manifest(entry: str) -> Manifest | None:
