@@ -313,6 +313,14 @@ class TrackingConfig(Section):
     system_metrics_interval_s: float = Field(10.0, ge=0)
     """Seconds between MLflow system-metric samples (CPU, memory, disk, network) on the
     search's parent run and every trial's run; 0 turns them off."""
+    buffer_size: int = Field(10_000, gt=0)
+    """Metric values a training run holds for MLflow while the tracking server is away
+    (rank 0 sends them from a background thread, so training never waits for MLflow); past
+    it the oldest are dropped with a warning and counted (`tracking_dropped` in the run
+    summary, `tracking/dropped` in the run once the server is back)."""
+    flush_timeout_s: float = Field(30.0, ge=0)
+    """At the end of training, seconds rank 0 waits for buffered metrics to reach MLflow;
+    what is still unsent then counts as dropped."""
 
 
     @field_validator("run_name")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from lmforge.data import PreparedData, prepare_data
 from lmforge.registry import SPEC_TAG, Registered, by_alias, promote, register, spec_tag
 from lmforge.runs import NamedRun, RunState
 from lmforge.serve import deploy, serving_app, with_secrets
-from lmforge.tracking import RunTracker, experiment_id, flatten, lineage_tags
+from lmforge.tracking import RunTracker, experiment_id, flatten, lineage_tags, record_failure
 from lmforge.train import run_training
 from lmforge.tune import check_settings_unchanged, run_search, search_settings
 
@@ -73,6 +74,9 @@ class Summary:
     # training only
     attempts: int | None = None
     resumed_from_step: int | None = None
+    tracking_dropped: int | None = None
+    """Metric values training could not get to MLflow (an outage past
+    `tracking.buffer_size`, or still unsent at `tracking.flush_timeout_s`)."""
     # search only
     trials: int | None = None
     best_config: dict[str, Any] | None = None
@@ -142,7 +146,8 @@ def _may_start(spec: JobSpec, named: NamedRun, resume: bool) -> RunState | None:
 def _open_run(spec: JobSpec, named: NamedRun, data: PreparedData, tags: dict[str, str],
               runs_dir: Path, recorded: RunState | None) -> Iterator[RunTracker]:
     """The run's MLflow (parent) run, new or the one a resume continues, sampling system
-    metrics while open; FINISHED when the block ends, FAILED when it raises."""
+    metrics while open; FINISHED when the block ends, KILLED when stopped (SIGTERM,
+    Ctrl-C), FAILED when it raises; recording the end never hides the error itself."""
     if recorded is not None:
         run = RunTracker(recorded.tracking_uri, recorded.parent_run_id)
         run.client.update_run(run.run_id, status="RUNNING")
@@ -159,8 +164,9 @@ def _open_run(spec: JobSpec, named: NamedRun, data: PreparedData, tags: dict[str
     try:
         with run.system_metrics(spec.tracking.system_metrics_interval_s):
             yield run
-    except BaseException:
-        run.finish("FAILED")
+    except BaseException as e:
+        stopped = isinstance(e, KeyboardInterrupt | SystemExit)
+        record_failure(run, e, traceback.format_exc(), "KILLED" if stopped else "FAILED")
         raise
     run.finish()
 
@@ -170,7 +176,8 @@ def _train(spec: JobSpec, data: PreparedData, run: RunTracker, name: str) -> Tra
     run.log_loss_curve()
     return Trained(outcome.checkpoint, run, outcome.steps, outcome.val_loss,
                    outcome.best_val_loss, outcome.tokens_per_s,
-                   {"attempts": outcome.attempts, "resumed_from_step": outcome.resumed_from_step})
+                   {"attempts": outcome.attempts, "resumed_from_step": outcome.resumed_from_step,
+                    "tracking_dropped": outcome.tracking_dropped})
 
 
 def _search(spec: JobSpec, data: PreparedData, run: RunTracker, tags: dict[str, str],

@@ -3,7 +3,9 @@
 `RunTracker` holds two strings, so it pickles to Ray workers on any node, and every call
 goes through an `MlflowClient` for that URI: no process-global active run, so concurrent
 trials cannot cross their metrics, and no working directory is assumed. Only world rank 0
-of a training run logs.
+of a training run logs, through a `TrackingBuffer`: an MLflow outage must never stall or
+kill training, so the step loop only queues, and a background thread does the sending and
+the retrying.
 """
 
 from __future__ import annotations
@@ -11,17 +13,25 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata as md
 import json
+import logging
+import os
 import subprocess
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 PARENT_TAG = "mlflow.parentRunId"
+DROPPED_METRIC = "tracking/dropped"
+"""Logged when the server is reachable again after metrics were dropped: how many so far."""
+
+logger = logging.getLogger(__name__)
 
 
 def experiment_id(uri: str, name: str, artifact_root: Path | None) -> str:
@@ -171,4 +181,214 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-__all__ = ["RunTracker", "experiment_id", "flatten", "lineage_tags"]
+# --- rank 0's buffer: tracking never stops training ----------------------------------
+
+
+class BatchLogger(Protocol):
+    """What the buffer needs of a tracking client (`MlflowClient` has it; tests pass a fake
+    that fails, then recovers)."""
+
+    def log_batch(self, run_id: str, metrics: Any = (), params: Any = (), tags: Any = ()
+                  ) -> Any: ...
+
+
+CLIENT_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+"""MLflow's own HTTP retries (7, with backoff: minutes of blocking) turned down in a
+process whose only MLflow user is a buffer, which retries by itself without blocking
+anyone; a request still gets 10 s to answer (one slow request holds the sender, not the
+loop)."""
+
+MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per request
+
+
+@dataclass(frozen=True)
+class BufferStats:
+    sent: int
+    """Metric values that reached MLflow."""
+    dropped: int
+    """Metric values lost: the oldest dropped past the bound during an outage, plus what
+    was still unsent when `close` gave up."""
+
+
+class TrackingBuffer:
+    """Metrics and params of one MLflow run, queued by the step loop and sent by a
+    background thread.
+
+    `log_metrics` and `log_params` never block on MLflow and never raise for it: they
+    append to a queue and return. The sender thread sends in order, merging queued metric
+    batches into requests of up to 1,000 values; when a request fails (server down, slow,
+    erroring) it retries the same request with exponential back-off (`retry_s` doubling up
+    to `max_retry_s`), warning once when the outage starts and once when it ends. Past
+    `capacity` queued metric values the oldest batch is dropped and counted (one warning
+    per outage); once the server answers again, the count so far goes out as
+    `tracking/dropped` at the latest step. Params are few (logged once) and never dropped.
+
+    `close(deadline_s)` waits up to the deadline for the queue to drain, then gives up on
+    the rest (counted as dropped) and returns what was sent and lost.
+    """
+
+    def __init__(self, run_id: str, client: BatchLogger, capacity: int = 10_000,
+                 retry_s: float = 0.5, max_retry_s: float = 10.0) -> None:
+        self.run_id = run_id
+        self._client = client
+        self._capacity = capacity
+        self._retry_s, self._max_retry_s = retry_s, max_retry_s
+        self._queue: deque[tuple[str, list[Any]]] = deque()  # ("metrics"|"params", items)
+        self._queued = 0  # metric values in the queue
+        self._in_flight: tuple[str, list[Any]] | None = None  # taken off, not yet sent
+        self._cond = threading.Condition()
+        self._closing = False
+        self._give_up = threading.Event()  # close's deadline passed: stop retrying
+        self._sent = self._dropped = self._dropped_logged = 0
+        self._outage_warned = False
+        self._last_step = 0
+        self._thread = threading.Thread(target=self._run, name="lmforge-tracking",
+                                        daemon=True)  # never keeps a finished worker alive
+        self._thread.start()
+
+    @classmethod
+    def for_run(cls, tracker: RunTracker, capacity: int = 10_000) -> TrackingBuffer:
+        """A buffer sending to `tracker`'s run, with MLflow's own retries turned down in
+        this process (`CLIENT_RETRY_ENV`): for a process where the buffer is the only
+        MLflow user, as in a training worker."""
+        os.environ.update(CLIENT_RETRY_ENV)
+        return cls(tracker.run_id, tracker.client, capacity)
+
+    # --- the step loop's side: append and return --------------------------------------
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)  # when measured, not when sent
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        with self._cond:
+            self._last_step = max(self._last_step, step)
+            self._queue.append(("metrics", batch))
+            self._queued += len(batch)
+            while self._queued > self._capacity and self._drop_oldest():
+                pass
+            self._cond.notify()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        with self._cond:
+            for i in range(0, len(items), 100):  # MLflow's per-request limit on params
+                self._queue.append(("params", items[i : i + 100]))
+            self._cond.notify()
+
+    def _drop_oldest(self) -> bool:
+        """Drop the oldest queued metric batch (lock held); False when there is none."""
+        for i, (kind, items) in enumerate(self._queue):
+            if kind == "metrics":
+                del self._queue[i]
+                self._queued -= len(items)
+                if not self._outage_warned:
+                    self._outage_warned = True
+                    logger.warning("MLflow unreachable with %d metric values queued: dropping "
+                                   "the oldest, counted in tracking/dropped", self._capacity)
+                self._dropped += len(items)
+                return True
+        return False
+
+    def stats(self) -> BufferStats:
+        with self._cond:
+            return BufferStats(self._sent, self._dropped)
+
+    # --- the sender thread -------------------------------------------------------------
+
+    def _take(self) -> tuple[str, list[Any]] | None:
+        """Take the next request off the queue (lock held): one params batch, or
+        consecutive metric batches merged up to MAX_BATCH values."""
+        if not self._queue:
+            return None
+        kind, items = self._queue.popleft()
+        if kind == "metrics":
+            items = list(items)
+            while (self._queue and self._queue[0][0] == "metrics"
+                   and len(items) + len(self._queue[0][1]) <= MAX_BATCH):
+                items.extend(self._queue.popleft()[1])
+            self._queued -= len(items)
+        return kind, items
+
+    def _run(self) -> None:
+        delay, down_since = self._retry_s, None
+        while not self._give_up.is_set():
+            with self._cond:
+                if self._in_flight is None:
+                    while not self._queue and not self._closing:
+                        self._cond.wait()
+                    self._in_flight = self._take()
+                    if self._in_flight is None:  # closing, and everything is sent
+                        return
+                kind, items = self._in_flight
+                dropped = self._dropped
+                if kind == "metrics" and dropped > self._dropped_logged:
+                    items = [*items, Metric(DROPPED_METRIC, float(dropped),
+                                            int(time.time() * 1000), self._last_step)]
+            try:
+                if kind == "params":
+                    self._client.log_batch(self.run_id, params=items)
+                else:
+                    self._client.log_batch(self.run_id, metrics=items)
+            except Exception as e:  # whatever MLflow or the network raises: retry later
+                if down_since is None:
+                    down_since = time.monotonic()
+                    logger.warning("MLflow logging failed (%s: %s); training goes on with "
+                                   "its metrics buffered", type(e).__name__, str(e)[:300])
+                # Closing: retry at least every second until close's deadline.
+                self._give_up.wait(min(delay, 1.0) if self._closing else delay)
+                delay = min(delay * 2, self._max_retry_s)
+                continue
+            delay = self._retry_s
+            with self._cond:
+                if kind == "metrics":
+                    self._sent += len(self._in_flight[1])
+                    self._dropped_logged = dropped
+                self._in_flight = None
+                self._outage_warned = False
+                backlog = self._queued
+                self._cond.notify_all()
+            if down_since is not None:
+                logger.warning("MLflow reachable again after %.0f s; sending %d buffered "
+                               "metric values", time.monotonic() - down_since, backlog)
+                down_since = None
+
+    def close(self, deadline_s: float) -> BufferStats:
+        """Send what is queued, waiting at most `deadline_s`; what is left then is given
+        up on and counted as dropped (a warning says how much)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(deadline_s)
+        self._give_up.set()
+        with self._cond:
+            left = self._queued + (len(self._in_flight[1]) if self._in_flight
+                                   and self._in_flight[0] == "metrics" else 0)
+            if left:
+                logger.warning("MLflow still unreachable after %.0f s: %d metric values "
+                               "not sent", deadline_s, left)
+                self._dropped += left
+                self._queue.clear()
+                self._queued, self._in_flight = 0, None
+            return BufferStats(self._sent, self._dropped)
+
+
+def record_failure(tracker: RunTracker, error: BaseException, details: str,
+                   status: str = "FAILED", curve: bool = False) -> None:
+    """Mark `tracker`'s run ended by `error` (its message as the `lmforge.error` tag, the
+    traceback `details` as error.txt, the loss curve when asked), as far as MLflow lets us.
+    Never raises: the caller is handling `error` and re-raises it, and an MLflow outage
+    must not replace the first error with its own."""
+    steps = [lambda: tracker.set_tags({"lmforge.error": f"{type(error).__name__}: {error}"
+                                       [:5000]}),
+             lambda: tracker.log_text(details, "error.txt"),
+             *([tracker.log_loss_curve] if curve else []),
+             lambda: tracker.finish(status)]
+    for step in steps:
+        try:
+            step()
+        except Exception as e:
+            logger.warning("could not record the %s run's error in MLflow (%s: %s)",
+                           status, type(e).__name__, str(e)[:300])
+
+
+__all__ = ["DROPPED_METRIC", "BufferStats", "RunTracker", "TrackingBuffer", "experiment_id",
+           "flatten", "lineage_tags", "record_failure"]

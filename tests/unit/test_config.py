@@ -285,3 +285,15 @@ def test_api_keys_never_leave_the_spec_object(tmp_path):
                                           (8, 8)])
 def test_worker_threads_round_the_reserved_cpus(cpus, threads):
     assert TrainConfig(cpus_per_worker=cpus).threads == threads
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "-dash-first", ".hidden", "sp ace",
+                                  "x" * 129, "naïve"])
+def test_a_run_name_that_is_not_a_plain_directory_name_is_refused(name: str):
+    with pytest.raises(SpecError, match=r"tracking\.run_name: must be letters, digits"):
+        load(None, [f"tracking.run_name={name}"])
+
+
+@pytest.mark.parametrize("name", ["run-1", "Run_2.b", "x" * 128])
+def test_plain_run_names_are_accepted(name: str):
+    assert load(None, [f"tracking.run_name={name}"]).tracking.run_name == name

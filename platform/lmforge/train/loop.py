@@ -3,7 +3,9 @@
 Reads top to bottom: build and wrap the model (DDP or FSDP2), resume from the latest
 checkpoint if there is one, then per optimizer step: set the LR, run `grad_accum`
 micro-steps (gradients synchronised on the last only), clip, step, log; every `eval_every`
-steps evaluate, every `checkpoint_every` steps checkpoint, and report to Ray Train.
+steps evaluate, every `checkpoint_every` steps checkpoint, and report to Ray Train. Rank 0's
+metrics go to MLflow through a `TrackingBuffer` (queued, sent in the background: an MLflow
+outage never stalls the loop).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from lmforge.config import JobSpec
 from lmforge.data import BlockShard, PreparedData, ValidationSet
 from lmforge.model import build_model, count_parameters, flops_per_token
-from lmforge.tracking import RunTracker
+from lmforge.tracking import RunTracker, TrackingBuffer
 from lmforge.train.checkpoint import load_checkpoint, save_checkpoint
 from lmforge.train.parallel import Parallel
 from lmforge.train.step import (
@@ -93,7 +95,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                        cfg.micro_batch_size)
     val = ValidationSet(data, spec.model.block_size, rank, world,
                         cfg.micro_batch_size, cfg.eval_batches)
-    log = tracker if rank == 0 else None
+    log = TrackingBuffer.for_run(tracker, spec.tracking.buffer_size) \
+        if rank == 0 and tracker is not None else None
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * spec.model.block_size * world
     flops_per_step = flops_per_token(raw, spec.model.block_size) * tokens_per_step
     peak = peak_flops(cfg, device)
@@ -149,6 +152,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if stop:
                 say(f"[lmforge] early stop at step {done}: no better validation loss in "
                     f"{state.evals_since_best} evaluations")
+            if stop or done == cfg.steps:  # before the last report: it takes the count
+                metrics["tracking_dropped"] = log.close(spec.tracking.flush_timeout_s).dropped
         _report(metrics, model, par, optimizer, data, rank, state,
                 checkpoint=checkpointing or stop)
         if stop:

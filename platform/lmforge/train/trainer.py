@@ -31,6 +31,9 @@ class TrainOutcome:
     resumed_from_step: int
     """Step the final attempt started from (0 when it never restarted)."""
     stopped_early: bool = False
+    tracking_dropped: int = 0
+    """Metric values rank 0 could not get to MLflow (outage past `tracking.buffer_size`, or
+    unsent at `tracking.flush_timeout_s`)."""
 
 
 def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
@@ -72,7 +75,8 @@ def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, 
     return TrainOutcome(steps=m["step"], val_loss=m["val_loss"], best_val_loss=m["best_val_loss"],
                         tokens_per_s=m["tokens_per_s"], checkpoint=hf_directory(best),
                         attempts=m["attempt"], resumed_from_step=m["resumed_from_step"],
-                        stopped_early=m.get("stopped_early", False))
+                        stopped_early=m.get("stopped_early", False),
+                        tracking_dropped=m.get("tracking_dropped", 0))
 
 
 def hf_directory(checkpoint) -> str:

@@ -14,7 +14,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from lmforge.config import JobSpec
 from lmforge.data import PreparedData
-from lmforge.tracking import RunTracker
+from lmforge.tracking import RunTracker, record_failure
 from lmforge.train import run_training
 
 
@@ -50,11 +50,8 @@ def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
         with metrics:
             run_training(trial_spec, data, tracker, name=name, callbacks=[TuneReportCallback()])
     except Exception as e:
-        if tracker is not None:
-            tracker.set_tags({"lmforge.error": f"{type(e).__name__}: {e}"[:5000]})
-            tracker.log_text(traceback.format_exc(), "error.txt")
-            tracker.log_loss_curve()
-            tracker.finish("FAILED")
+        if tracker is not None:  # never raises: an MLflow outage must not hide `e`
+            record_failure(tracker, e, traceback.format_exc(), curve=True)
         raise
     if tracker is not None:
         tracker.log_loss_curve()
