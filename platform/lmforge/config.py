@@ -389,10 +389,18 @@ class ServeConfig(Section):
     (and its end) sooner, longer rides out bursts. Load is reported at least twice per
     window."""
     max_ongoing_requests: int = Field(16, ge=1)
-    """Most requests one replica holds at once (decoding or waiting for a batch)."""
+    """Most requests one replica works on at once (decoding or waiting for a batch). A
+    request takes one of these slots only once its whole body is in: those still sending
+    count against `max_receiving_requests` instead."""
+    max_receiving_requests: int = Field(128, ge=1)
+    """Most requests one replica holds while their bodies arrive, apart from
+    `max_ongoing_requests`, so that slow senders (each for up to `body_timeout_s`) cannot
+    take the slots of requests ready to run. Beyond it a request is refused at once with
+    `backpressure_status`."""
     max_queued_requests: int = Field(64, ge=-1)
-    """Requests queued in front of the replicas when all are full; beyond it a request is
-    refused at once with `backpressure_status`. -1: no limit."""
+    """Requests waiting for a slot, in front of the replicas when all are full and, once
+    their body is in, in each replica; beyond it a request is refused at once with
+    `backpressure_status`. -1: no limit."""
     backpressure_status: Literal[503, 429] = 503
     """HTTP status of a request refused because the queue is full."""
     retry_after_s: float | None = Field(1.0, ge=0)
