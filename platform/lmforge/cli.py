@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from lmforge.capacity import ResourceError
 from lmforge.config import JobSpec, SpecError, default_run_name, load, resolve_tracking_uri
 from lmforge.runs import NamedRun, ResumeError, RunExists, resume_target
 
@@ -70,6 +71,9 @@ def _execute(spec: JobSpec, search: bool, register: bool, serve_check: bool,
     except ResumeError as e:
         err.print(f"[bold red]cannot resume[/] {e}", highlight=False)
         raise typer.Exit(2) from None
+    except ResourceError as e:
+        err.print(f"[bold red]does not fit[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
     if register:
         err.print(f"Registered {summary.model_uri} (version {summary.registered_version})."
                   f" Keep an endpoint up with: [bold]lmforge serve {summary.model_uri}[/]")

@@ -197,8 +197,14 @@ class TrainConfig(Section):
     one a restart resumes from), through Ray Train's `CheckpointConfig`."""
     max_failures: int = Field(2, ge=-1)
     """Times Ray Train restarts the worker group after a worker dies (-1: no limit); each
-    restart resumes from the latest checkpoint, so at most `checkpoint_every` steps are
-    redone."""
+    restart resumes from the latest checkpoint (or, when that one does not load, the next
+    newest kept one), so at most `checkpoint_every` steps are redone."""
+    scheduling_timeout_s: float | None = Field(None, gt=0)
+    """Seconds to wait for an autoscaler to add the nodes a run (or one trial) needs, then
+    give up. Where Ray reports an autoscaler's limits (autoscaler v2, as KubeRay runs it),
+    unset means 600. A cluster that reports none is taken as fixed: a run it cannot hold
+    fails at once, unless this is set (an autoscaler v1 cluster, such as `ray up` with
+    cluster/launcher/, whose limits Ray does not publish)."""
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> TrainConfig:

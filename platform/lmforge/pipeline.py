@@ -1,9 +1,10 @@
 """The stages wired together: data -> train or search -> register and promote -> serve check.
 
 `execute` is what `lmforge run|train|tune` call. It reads as the sequence it runs: check
-that the named run may start (or resume), prepare the data, open the run, train or search,
-register and promote, check the endpoint, close. Each stage gets its section of the spec
-as a typed argument; the MLflow tracking URI is resolved once, when the run opens.
+that the named run may start (or resume), join Ray and check that the run fits on the
+cluster, prepare the data, open the run, train or search, register and promote, check the
+endpoint, close. Each stage gets its section of the spec as a typed argument; the MLflow
+tracking URI is resolved once, when the run opens.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from lmforge.capacity import Demand, ensure_fits
 from lmforge.cluster import init_ray
 from lmforge.config import JobSpec, resolve_tracking_uri
 from lmforge.data import PreparedData, prepare_data
@@ -103,11 +105,14 @@ def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs"),
     start = time.perf_counter()
     named = NamedRun.of(spec, search=stages.search)
     recorded = _may_start(spec, named, resume)  # before anything is started
+    init_ray()
+    # A run the cluster can never hold would wait for its workers forever: fail (or wait
+    # for an autoscaler, bounded) before preparing data or opening an MLflow run.
+    ensure_fits(Demand.of(spec, search=stages.search), spec.train.scheduling_timeout_s)
     data = prepare_data(spec.data, spec.tokenizer, spec.model.block_size)
     print(f"[lmforge] data {data.fingerprint}: {data.train_tokens:,} train / "
           f"{data.val_tokens:,} validation tokens, vocab {data.vocab_size}", flush=True)
     tags = lineage_tags(data.fingerprint, f"{spec.tokenizer.kind}, vocab {data.vocab_size}")
-    init_ray()
     with _open_run(spec, named, data, tags, runs_dir, recorded) as run:
         if stages.search:
             trained = _search(spec, data, run, tags, named.name, resume)

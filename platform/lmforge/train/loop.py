@@ -14,6 +14,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,12 +22,18 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 
 from lmforge.config import JobSpec
 from lmforge.data import BlockShard, PreparedData, ValidationSet
 from lmforge.model import build_model, count_parameters, flops_per_token
 from lmforge.tracking import RunTracker, TrackingBuffer
-from lmforge.train.checkpoint import load_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import (
+    checkpoint_dir_name,
+    load_checkpoint,
+    resume_from,
+    save_checkpoint,
+)
 from lmforge.train.parallel import Parallel
 from lmforge.train.step import (
     evaluate,
@@ -60,10 +67,25 @@ class TrainerState:
         return patience is not None and self.evals_since_best >= patience
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """Where a worker is, for a step hook."""
+    step: int
+    """Optimizer steps done."""
+    rank: int
+    attempt: int
+    run_name: str
+    spec: JobSpec
+
+
+StepHook = Callable[[StepInfo], None]
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     spec: JobSpec = config["spec"]
     data: PreparedData = config["data"]
     tracker: RunTracker | None = config.get("tracker")
+    step_hook: StepHook | None = config.get("step_hook")
     cfg = spec.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -80,14 +102,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own (dropout) stream
 
     # After a worker died, or with `lmforge train --resume`, Ray Train hands every worker
-    # the latest registered checkpoint.
-    state, resumed_from = TrainerState(), 0
+    # the latest registered checkpoint; if it does not load, an older kept one is used.
+    state, resumed_from, set_aside = TrainerState(), 0, []
     if (ckpt := ray.train.get_checkpoint()) is not None:
-        with ckpt.as_directory() as d:
-            saved = load_checkpoint(d, model, par, optimizer, rank)
-        state = TrainerState(**{k: saved[k] for k in asdict(state)})
+        resumed = resume_from(ckpt, _kept_checkpoints,
+                              lambda c: _load(c, model, par, optimizer, rank), _agree, rank,
+                              warn=lambda message: say(f"[lmforge] warning: {message}"))
+        state = TrainerState(**{k: resumed.state[k] for k in asdict(state)})
         state.attempt += 1
-        resumed_from = state.step
+        resumed_from, set_aside = state.step, resumed.set_aside
         say(f"[lmforge] rank {rank}: attempt {state.attempt} resumes from step {state.step}")
 
     # Micro-batch index step * grad_accum + m: the same global batches for any world size.
@@ -114,6 +137,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         micro_batches = (shard.batch(step * cfg.grad_accum + m) for m in range(cfg.grad_accum))
         step_loss, grad_norm = train_step(model, par, optimizer, micro_batches, lr)
         done = step + 1
+        if step_hook is not None:
+            step_hook(StepInfo(done, rank, state.attempt, ctx.get_experiment_name(), spec))
         logging = done % cfg.log_every == 0
         if logging:
             loss_value = step_loss.item()  # a device sync point: only on logging steps
@@ -155,14 +180,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if stop or done == cfg.steps:  # before the last report: it takes the count
                 metrics["tracking_dropped"] = log.close(spec.tracking.flush_timeout_s).dropped
         _report(metrics, model, par, optimizer, data, rank, state,
-                checkpoint=checkpointing or stop)
+                checkpoint=checkpointing or stop, taken=set_aside)
         if stop:
             break
 
 
 def _report(metrics: dict[str, Any], model: torch.nn.Module, par: Parallel,
             optimizer: torch.optim.Optimizer, data: PreparedData, rank: int,
-            state: TrainerState, checkpoint: bool) -> None:
+            state: TrainerState, checkpoint: bool, taken: list[str]) -> None:
     """Every rank reports (it is a barrier); with a checkpoint, every rank writes its part
     and Ray Train merges them into one directory before registering it."""
     if not checkpoint:
@@ -172,7 +197,30 @@ def _report(metrics: dict[str, Any], model: torch.nn.Module, par: Parallel,
         save_checkpoint(tmp, model, par, optimizer, rank, data.tokenizer_dir,
                         asdict(state) | {"metrics": metrics})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{metrics['step']:07d}")
+                         checkpoint_dir_name=checkpoint_dir_name(metrics["step"], taken))
+
+
+def _load(ckpt: ray.train.Checkpoint, model: torch.nn.Module, par: Parallel,
+          optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
+    with ckpt.as_directory() as d:
+        return load_checkpoint(d, model, par, optimizer, rank)
+
+
+def _kept_checkpoints() -> list[ray.train.Checkpoint]:
+    """The run's registered checkpoints, newest first (Ray keeps the best
+    `train.keep_checkpoints` by validation loss, and the latest)."""
+    reported = ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    return [r.checkpoint for r in sorted(reported, key=lambda r: -r.metrics.get("step", 0))]
+
+
+def _agree(error: str | None) -> list[str | None]:
+    """Every rank's outcome of loading one checkpoint (a collective: all ranks call it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [error]
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return errors
 
 
 def say(message: str) -> None:

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
 from ray.train.torch import TorchTrainer
 
 from lmforge.config import JobSpec
 from lmforge.data import PreparedData
 from lmforge.storage import require_shared
 from lmforge.tracking import RunTracker
-from lmforge.train.checkpoint import DCP_DIR, export_hf
-from lmforge.train.loop import train_fn_per_worker
+from lmforge.train.checkpoint import DCP_DIR, export_hf, set_aside_reason
+from lmforge.train.loop import StepHook, train_fn_per_worker
 
 
 @dataclass(frozen=True)
@@ -37,12 +46,14 @@ class TrainOutcome:
 
 
 def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
-                  callbacks: Sequence[UserCallback] = ()) -> TorchTrainer:
+                  callbacks: Sequence[UserCallback] = (),
+                  step_hook: StepHook | None = None) -> TorchTrainer:
     cfg = spec.train
     require_shared(cfg.storage_path, "train.storage_path")  # multi-host needs shared storage
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"spec": spec, "data": data, "tracker": tracker},
+        train_loop_config={"spec": spec, "data": data, "tracker": tracker,
+                           "step_hook": step_hook},
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.use_gpu,
@@ -63,14 +74,18 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
 
 
 def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
-                 callbacks: Sequence[UserCallback] = ()) -> TrainOutcome:
+                 callbacks: Sequence[UserCallback] = (),
+                 step_hook: StepHook | None = None) -> TrainOutcome:
     """Train run `name` to `train.steps` (or an early stop). Ray Train continues the run
     from the latest checkpoint it finds in storage under `name`: whether that is wanted
-    (`--resume`) or refused is the caller's rule (`lmforge.runs.NamedRun`)."""
-    result = build_trainer(spec, data, tracker, name, callbacks).fit()
-    best = result.get_best_checkpoint(metric="val_loss", mode="min") or result.checkpoint
+    (`--resume`) or refused is the caller's rule (`lmforge.runs.NamedRun`).
+
+    `step_hook(StepInfo)` runs on every worker after each optimizer step: how the chaos
+    tests inject faults (a worker killed, a checkpoint damaged, a hang) at a known step."""
+    result = build_trainer(spec, data, tracker, name, callbacks, step_hook).fit()
+    best = best_intact(result.best_checkpoints)
     if best is None:
-        raise RuntimeError(f"training run {name!r} reported no checkpoint")
+        raise RuntimeError(f"training run {name!r} reported no checkpoint that loads")
     m = result.metrics
     return TrainOutcome(steps=m["step"], val_loss=m["val_loss"], best_val_loss=m["best_val_loss"],
                         tokens_per_s=m["tokens_per_s"], checkpoint=hf_directory(best),
@@ -79,7 +94,14 @@ def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, 
                         tracking_dropped=m.get("tracking_dropped", 0))
 
 
-def hf_directory(checkpoint) -> str:
+def best_intact(checkpoints: Sequence[tuple[Checkpoint, dict[str, Any]]]) -> Checkpoint | None:
+    """The kept checkpoint with the lowest validation loss, skipping any set aside because
+    it failed to load (Ray still lists those, with the loss they reported)."""
+    ranked = sorted(checkpoints, key=lambda c: c[1].get("val_loss", math.inf))
+    return next((c for c, _ in ranked if set_aside_reason(c) is None), None)
+
+
+def hf_directory(checkpoint: Checkpoint) -> str:
     """A local Hugging Face directory for a reported checkpoint: the checkpoint itself for
     DDP on local storage, else an export next to it (FSDP shards gathered into one file)."""
     local = checkpoint.filesystem.type_name == "local"

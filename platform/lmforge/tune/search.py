@@ -12,17 +12,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray import tune
+from ray.train import Checkpoint
 from ray.tune import Stopper
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from lmforge.capacity import Demand, ensure_fits
 from lmforge.config import JobSpec, TuneConfig
 from lmforge.data import PreparedData
 from lmforge.runs import NamedRun, ResumeError, RunState
 from lmforge.storage import is_uri, require_shared
 from lmforge.tracking import RunTracker
+from lmforge.train.checkpoint import set_aside_reason
+from lmforge.train.loop import StepHook
 from lmforge.tune.report import (
     SearchOutcome,
     TrialOutcome,
@@ -35,33 +38,6 @@ from lmforge.tune.report import (
 from lmforge.tune.snapshot import StateSnapshots, repair
 from lmforge.tune.space import distributions
 from lmforge.tune.trial import train_driver_fn
-
-
-class ResourceError(RuntimeError):
-    """The cluster can never run one trial; raised before any trial starts."""
-
-
-def trial_resources(spec: JobSpec) -> float:
-    """CPUs one trial holds: its driver function's bundle plus its training workers."""
-    return spec.tune.driver_cpus + spec.train.workers * spec.train.cpus_per_worker
-
-
-def check_fits(spec: JobSpec, cluster_cpus: float) -> None:
-    """Fail at once when a trial can never be scheduled, instead of pending forever."""
-    need = trial_resources(spec)
-    if need > cluster_cpus + 1e-9:
-        raise ResourceError(
-            f"one trial needs {need:g} CPUs (tune.driver_cpus {spec.tune.driver_cpus:g} + "
-            f"train.workers {spec.train.workers} x train.cpus_per_worker "
-            f"{spec.train.cpus_per_worker:g}) but the cluster has {cluster_cpus:g}; lower "
-            f"train.workers or train.cpus_per_worker"
-        )
-    if spec.train.use_gpu:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if spec.train.workers > gpus:
-            raise ResourceError(f"train.workers={spec.train.workers} with train.use_gpu needs "
-                                f"{spec.train.workers} GPUs; the cluster has {gpus:g}")
-
 
 # --- searcher, scheduler, budget -----------------------------------------------------
 
@@ -159,17 +135,20 @@ def check_settings_unchanged(spec: JobSpec, recorded: RunState, name: str) -> No
 
 def run_search(spec: JobSpec, data: PreparedData, parent: RunTracker | None,
                experiment_id: str, name: str, run_tags: dict[str, str] | None = None,
-               resume: bool = False) -> SearchOutcome:
+               resume: bool = False, step_hook: StepHook | None = None) -> SearchOutcome:
     """Run the search `name` under `tune.storage_path` (or, with `resume`, continue it from
-    Tune's state there) and return every trial's outcome and the best."""
+    Tune's state there) and return every trial's outcome and the best. `step_hook` goes to
+    every trial's workers (`run_training`)."""
     cfg = spec.tune
     if not cfg.search_space:
         raise ValueError("tune.search_space: empty; name at least one spec field to search")
-    check_fits(spec, ray.cluster_resources().get("CPU", 0))
+    # Also checked by `pipeline.execute` before the run opens; here for direct callers.
+    ensure_fits(Demand.of(spec, search=True), spec.train.scheduling_timeout_s)
     require_shared(cfg.storage_path, "tune.storage_path")  # multi-host needs shared storage
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn, spec=spec, data=data, parent=parent,
-                             experiment_id=experiment_id, run_tags=run_tags or {}),
+                             experiment_id=experiment_id, run_tags=run_tags or {},
+                             step_hook=step_hook),
         {"CPU": cfg.driver_cpus},
     )
     path = NamedRun(name, cfg.storage_path, search=True).path
@@ -241,11 +220,13 @@ def _outcome(result: tune.Result, runs: dict[str, Any], steps: int) -> TrialOutc
 
 
 def _best_checkpoint_path(result: tune.Result) -> str | None:
-    """The trial's lowest-val_loss Train checkpoint (its path travels in the metrics)."""
+    """The trial's lowest-val_loss Train checkpoint (its path travels in the metrics), not
+    one set aside because it failed to load."""
     history = result.metrics_dataframe
     if history is None or "checkpoint_path" not in history or history.empty:
         return (result.metrics or {}).get("checkpoint_path")
-    rows = history.dropna(subset=["checkpoint_path"])
-    return str(rows.loc[rows["val_loss"].idxmin(), "checkpoint_path"]) if len(rows) else None
+    rows = history.dropna(subset=["checkpoint_path"]).sort_values("val_loss")
+    return next((str(p) for p in rows["checkpoint_path"]
+                 if set_aside_reason(Checkpoint(str(p))) is None), None)
 
 
