@@ -26,6 +26,9 @@ from pydantic import (
     model_validator,
 )
 
+from lmforge.storage import StorageError
+from lmforge.storage import resolve as resolve_storage
+
 
 class SpecError(ValueError):
     """A job spec that cannot run. The message names the file and the field path."""
@@ -56,7 +59,9 @@ class DataConfig(Section):
     `val_fraction`, cut at a line end, to validation instead."""
     cache_dir: str = "runs/cache"
     """Where the token shards and their manifest are written, one entry per fingerprint: a
-    local directory, a directory on a shared mount, or an object-store URI (`s3://...`)."""
+    local directory, a directory on a shared mount, or an object-store URI (`s3://BUCKET/
+    PREFIX`, `gs://`, `abfs://`). On a cluster of several hosts it must be shared (checked
+    before any worker starts)."""
     shard_tokens: int = Field(2**23, ge=1024)
     """Tokens per shard file (the last shard of each block of work holds the rest). 2**23
     tokens is 16 MB at uint16: a worker fetches a remote shard in well under a second, a
@@ -191,7 +196,9 @@ class TrainConfig(Section):
     seed: int = 1337
     """Seed for initialisation and data order."""
     storage_path: str = "runs/ray"
-    """Where Ray Train persists checkpoints and results."""
+    """Where Ray Train persists checkpoints and results: a local directory, a shared mount,
+    or an object-store URI (`s3://BUCKET/PREFIX`, `gs://`, `abfs://`; S3-compatible stores
+    through `AWS_ENDPOINT_URL`). On a cluster of several hosts it must be shared."""
     keep_checkpoints: int = Field(2, gt=0)
     """Checkpoints kept: the best this many by validation loss, plus always the latest (the
     one a restart resumes from), through Ray Train's `CheckpointConfig`."""
@@ -303,7 +310,8 @@ class TuneConfig(Section):
     driver_cpus: float = Field(0.1, gt=0)
     """CPUs reserved for each trial's driver function (Ray refuses 0)."""
     storage_path: str = "runs/ray"
-    """Where Ray Tune keeps the experiment state (`lmforge tune --resume` restores it)."""
+    """Where Ray Tune keeps the experiment state (`lmforge tune --resume` restores it): a
+    local directory, a shared mount, or an object-store URI, like `train.storage_path`."""
 
 
 class TrackingConfig(Section):
@@ -576,7 +584,7 @@ def load(path: str | Path | None, overrides: list[str] | None = None,
     except ValidationError as e:
         raise SpecError(_format_errors(source, e)) from None
     _check_corpus(spec.data, source)
-    _make_paths_absolute(spec)
+    _make_paths_absolute(spec, source)
     if name_run and spec.tracking.run_name is None:
         spec.tracking.run_name = default_run_name(path)
     return spec
@@ -594,15 +602,20 @@ def run_name_stem(path: str | Path | None) -> str:
     return stem.lstrip("-_.")[:100] or "lmforge"
 
 
-def _make_paths_absolute(spec: JobSpec) -> None:
+def _make_paths_absolute(spec: JobSpec, source: str) -> None:
     """Resolve local paths against the current directory once, here: Ray workers, trial
-    drivers and replicas run with other working directories."""
-    for section, field in (("data", "path"), ("data", "cache_dir"), ("train", "storage_path"),
+    drivers and replicas run with other working directories. The storage fields go through
+    `storage.resolve`, which keeps an object-store URI verbatim and refuses an unknown
+    scheme naming the field."""
+    for section, field in (("data", "cache_dir"), ("train", "storage_path"),
                            ("tune", "storage_path")):
         owner = getattr(spec, section)
-        value = getattr(owner, field)
-        if value is not None and "://" not in value:
-            setattr(owner, field, str(Path(value).expanduser().resolve()))
+        try:
+            setattr(owner, field, resolve_storage(getattr(owner, field), f"{section}.{field}").uri)
+        except StorageError as e:
+            raise SpecError(f"{source}: {e}") from None
+    if spec.data.path is not None and "://" not in spec.data.path:
+        spec.data.path = str(Path(spec.data.path).expanduser().resolve())
     # A pretrained model is a local directory or a hub id: only an existing path is resolved.
     for owner in (spec.model, spec.tokenizer):
         name = "pretrained" if owner is spec.model else "path"

@@ -25,7 +25,7 @@ from lmforge.cluster import init_ray
 from lmforge.config import JobSpec, resolve_tracking_uri
 from lmforge.data import PreparedData, prepare_data
 from lmforge.registry import SPEC_TAG, Registered, by_alias, promote, register, spec_tag
-from lmforge.runs import NamedRun, RunState
+from lmforge.runs import NamedRun, RunState, require_shared_storage
 from lmforge.serve import deploy, serving_app, with_secrets
 from lmforge.tracking import RunTracker, experiment_id, flatten, lineage_tags, record_failure
 from lmforge.train import run_training
@@ -109,6 +109,9 @@ def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs"),
     # A run the cluster can never hold would wait for its workers forever: fail (or wait
     # for an autoscaler, bounded) before preparing data or opening an MLflow run.
     ensure_fits(Demand.of(spec, search=stages.search), spec.train.scheduling_timeout_s)
+    # On several hosts every path must be shared: refused here, before the data stage
+    # writes a local cache other hosts cannot read, or any worker starts.
+    require_shared_storage(spec, stages.search)
     data = prepare_data(spec.data, spec.tokenizer, spec.model.block_size)
     print(f"[lmforge] data {data.fingerprint}: {data.train_tokens:,} train / "
           f"{data.val_tokens:,} validation tokens, vocab {data.vocab_size}", flush=True)

@@ -107,6 +107,18 @@ def test_submit_packages_the_project_and_tags_the_run(fake):
     assert kw["metadata"]["lmforge.run_name"] == "my-run"
 
 
+def test_runtime_env_json_adds_to_the_jobs_runtime_env_without_replacing_it(fake):
+    """What `--runtime-env-json` gives (pip, env_vars) joins the project's runtime_env; the
+    forwarded variables win over the user's env_vars of the same name."""
+    f = fake()
+    jobs.submit("http://h:8265", SPEC, [], "r", ROOT, {"MLFLOW_TRACKING_URI": "sqlite:///x.db"},
+                runtime_env_extra={"pip": ["typer>=0.16"], "working_dir": "/elsewhere",
+                                   "env_vars": {"A": "1", "MLFLOW_TRACKING_URI": "no"}})
+    env = f.submitted[0]["runtime_env"]
+    assert env["pip"] == ["typer>=0.16"] and env["working_dir"] == str(ROOT)
+    assert env["env_vars"] == {"A": "1", "MLFLOW_TRACKING_URI": "sqlite:///x.db"}
+
+
 def test_duplicate_submission_id_is_refused_not_overwritten(fake):
     f = fake(SimpleNamespace(submission_id="mine", status="SUCCEEDED", metadata={}))
     with pytest.raises(jobs.SubmitError, match="'mine' already exists .*not overwritten"):
@@ -179,8 +191,10 @@ def test_submit_says_on_stderr_when_it_resumes_by_itself(fake, monkeypatch):
 
     monkeypatch.chdir(ROOT)  # the project submit ships
     f = fake(job(1, "STOPPED"))
+    # The fake Jobs API runs no job: the preflight is tested on a real cluster instead.
     result = CliRunner().invoke(app, ["submit", str(SPEC.relative_to(ROOT)),
-                                      "tracking.run_name=r", "--address", "http://h:8265"])
+                                      "tracking.run_name=r", "--address", "http://h:8265",
+                                      "--no-preflight"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == f.submitted[0]["submission_id"]
     assert "Resuming run r: its last job lmforge-r-1 STOPPED" in " ".join(result.stderr.split())

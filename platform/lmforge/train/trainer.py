@@ -20,7 +20,8 @@ from ray.train.torch import TorchTrainer
 
 from lmforge.config import JobSpec
 from lmforge.data import PreparedData
-from lmforge.storage import require_shared
+from lmforge.runs import require_shared_storage
+from lmforge.storage import resolve
 from lmforge.tracking import RunTracker
 from lmforge.train.checkpoint import DCP_DIR, export_hf, set_aside_reason
 from lmforge.train.loop import StepHook, train_fn_per_worker
@@ -49,7 +50,7 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
                   callbacks: Sequence[UserCallback] = (),
                   step_hook: StepHook | None = None) -> TorchTrainer:
     cfg = spec.train
-    require_shared(cfg.storage_path, "train.storage_path")  # multi-host needs shared storage
+    require_shared_storage(spec, search=False)  # a multi-host run needs shared paths
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"spec": spec, "data": data, "tracker": tracker,
@@ -61,7 +62,7 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=cfg.storage_path,
+            **resolve(cfg.storage_path, "train.storage_path").ray_storage(),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute="val_loss",
