@@ -228,8 +228,42 @@ def _submit_cli(*args: str):  # noqa: ANN202
 
     from lmforge.cli import app
 
+    # The fake Jobs API runs no job: the preflight is tested on its own (below, and on a
+    # real cluster in tests/integration/test_submit_preflight.py).
     return CliRunner().invoke(app, ["submit", str(SPEC.relative_to(ROOT)),
-                                    "tracking.run_name=r", *args, "--address", "http://h:8265"])
+                                    "tracking.run_name=r", *args, "--address", "http://h:8265",
+                                    *([] if "--preflight" in args else ["--no-preflight"])])
+
+
+def test_a_failed_preflight_submits_nothing_and_says_why(fake, monkeypatch):
+    from lmforge import preflight
+
+    monkeypatch.chdir(ROOT)
+    seen = []
+
+    def refuse(jobs_client, runtime_env):  # noqa: ANN001, ANN202
+        seen.append(runtime_env)
+        raise preflight.PreflightError("the job's `python` (/usr/bin/python3): missing typer")
+
+    monkeypatch.setattr(preflight, "check", refuse)
+    f = fake()
+    result = _submit_cli("--preflight", "--runtime-env-json", '{"pip": ["typer"]}')
+    assert result.exit_code == 1 and f.submitted == []
+    assert "not submitted the job's `python` (/usr/bin/python3): missing typer" in \
+        " ".join(result.stderr.split())
+    # The preflight job gets the run's runtime_env, less the project upload.
+    assert seen[0]["pip"] == ["typer"] and "working_dir" not in seen[0]
+    assert seen[0]["env_vars"]["MLFLOW_TRACKING_URI"]
+
+
+def test_secret_env_vars_in_runtime_env_json_are_refused(fake, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    f = fake()
+    result = _submit_cli("--runtime-env-json", '{"env_vars": {"HF_TOKEN": "x"}}')
+    assert result.exit_code == 2 and f.submitted == []
+    assert "env_vars HF_TOKEN are secrets" in " ".join(result.stderr.split())
+    result = _submit_cli("--runtime-env-json", "[1]")
+    assert result.exit_code == 2 and "expected a JSON object" in result.stderr
 
 
 def test_submit_keeps_secrets_out_of_the_job_and_says_so(fake, monkeypatch):
