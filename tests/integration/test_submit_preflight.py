@@ -45,7 +45,7 @@ def test_submit_to_a_cluster_without_lmforges_dependencies_fails_at_once(tmp_pat
         checked_s = time.monotonic() - start
         assert checked.returncode == 1, checked.stdout[-3000:] + checked.stderr[-3000:]
         err = " ".join(checked.stderr.split())  # rich wraps long lines
-        assert f"the job's `python` ({SYSTEM_PYTHON}" in err, err
+        assert f"the job's `python` ({bin_dir / 'python'}, Python 3." in err, err
         assert "typer" in err and "missing" in err
         for way in ("cluster/Dockerfile", "ray start", "--runtime-env-json"):
             assert way in err, way
