@@ -90,5 +90,5 @@ def test_truncated_latest_checkpoint_then_killed_worker_resumes_from_the_previou
         == fault["size"] // 2
     assert (run_dir / "checkpoint_0000020-2" / "trainer_state.json").exists()
     assert Path(outcome.checkpoint).name != fault["truncated"]
-    assert wall_s < 90
+    assert wall_s < 180  # 44 s on the quiet 2-core machine, 104 s with others' runs on it
 

@@ -229,9 +229,11 @@ def test_a_run_the_cluster_cannot_hold_fails_at_once_naming_the_fields(tmp_path:
     (the spec asks 2 CPUs a worker) waited for its workers forever. Here each worker asks
     for every core of the machine, whatever it has."""
     cpus = os.cpu_count()
+    corpus = tmp_path / "corpus.txt"  # the spec's corpus lives outside the checkout
+    corpus.write_text("To be, or not to be, that is the question.\n" * 50)
     start = time.monotonic()
     out = lmforge("train", str(ROOT / "jobs" / "bench" / "shakespeare_char.yaml"),
-                  "train.workers=2", f"train.cpus_per_worker={cpus}",
+                  "train.workers=2", f"train.cpus_per_worker={cpus}", f"data.path={corpus}",
                   f"train.storage_path={tmp_path / 'ray'}",
                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
                   f"data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path, timeout_s=120)
