@@ -2,13 +2,15 @@
 
 Every scenario holds a load, injects its faults, records a row (`chaos_result`) and then
 asserts that nothing was lost: (a) poison requests mixed into a steady load, (b) sustained
-overload, (d) a client gone mid-stream.
+overload, (c) slow clients trickling their bodies, (d) a client gone mid-stream.
 One replica serves them all in turn (starting Serve costs more than the scenarios).
 """
 
 from __future__ import annotations
 
 import json
+import select
+import socket
 import statistics
 import sys
 import threading
@@ -208,6 +210,75 @@ def test_sustained_overload_is_refused_at_once_and_memory_stays_flat(endpoint, c
     assert max(refused) < 1.0, sorted(refused)[-5:]
     assert p50 < p50_bound, (p50, alone_s)
     assert len(steady) >= 5 and -0.10 <= low and drift <= 0.10, rss
+
+
+# --- (c) slow clients trickling their bodies ----------------------------------------------
+
+
+class Trickler:
+    """`n` raw connections that each send a POST's headers and then its body one byte at a
+    time, never finishing (Content-Length far above what they send). They connect one
+    after another, each once the last is at the replica: a burst of them at once would
+    meet Serve's own queue bound (`max_queued_requests` requests not yet routed)."""
+
+    def __init__(self, host: str, port: int, n: int) -> None:
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+        self.socks: list[socket.socket] = []
+        for i in range(n):
+            s = socket.create_connection((host, port), timeout=10)
+            s.sendall(head)
+            self.socks.append(s)
+            wait_until(lambda i=i: engine_stats()["receiving"] > i, f"slow client {i + 1} "
+                       "at the replica", timeout_s=60, interval_s=0.05,
+                       detail=lambda: f"{engine_stats()}; answered: {self.answered()}")
+        self.sent, self.stop = 0, threading.Event()
+        self.thread = threading.Thread(target=self._drip, daemon=True)
+        self.thread.start()
+
+    def _drip(self) -> None:
+        body = b'{"prompt": "' + b"a" * 99_000
+        while not self.stop.wait(0.2):  # one byte per connection every 0.2 s
+            for s in self.socks:
+                s.sendall(body[self.sent:self.sent + 1])
+            self.sent += 1
+
+    def answered(self) -> list[bytes]:
+        """What the server already sent any of them (nothing, while they are held)."""
+        ready = select.select(self.socks, [], [], 0)[0]
+        return [s.recv(300) for s in ready]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        for s in self.socks:
+            s.close()
+
+
+def test_slow_clients_sending_byte_by_byte_do_not_starve_a_normal_request(
+        endpoint, chaos_scale, chaos_result):
+    idle()
+    n = min(100, round(40 * chaos_scale))
+    host, port = endpoint.base_url.host, endpoint.base_url.port
+    slow = Trickler(host, port, n)
+    try:
+        times, codes = [], []
+        for _ in range(5):
+            start = time.perf_counter()
+            r = endpoint.post("/v1/completions", json=VALID)
+            times.append(time.perf_counter() - start)
+            codes.append(r.status_code)
+        still = engine_stats()["receiving"]
+        answered = slow.answered()
+    finally:
+        slow.close()
+    chaos_result("slow clients", load=f"{n} clients sending a body byte by byte "
+                 f"({slow.sent} bytes each), then 5 normal requests",
+                 faults=f"{n} slow senders", lost=f"{sum(c != 200 for c in codes)} of 5 "
+                 "normal requests", normal_max_s=max(times), slow_still_receiving=still)
+    assert codes == [200] * 5, codes
+    assert max(times) < 2.0, times
+    assert still >= n and not answered, answered  # the slow ones were held throughout
 
 
 # --- (d) a client gone mid-stream -----------------------------------------------------------
