@@ -55,6 +55,8 @@ def _execute(spec: JobSpec, search: bool, register: bool, serve_check: bool,
 
     from lmforge.pipeline import Stages, execute
     from lmforge.serve import with_secrets
+    from lmforge.train import Preempted
+    from lmforge.train.preempt import EXIT_CODE as PREEMPTED_EXIT
 
     if serve_check:  # its API keys are read at the end of the run: check them first
         try:
@@ -74,6 +76,10 @@ def _execute(spec: JobSpec, search: bool, register: bool, serve_check: bool,
     except ResourceError as e:
         err.print(f"[bold red]does not fit[/] {e}", highlight=False)
         raise typer.Exit(1) from None
+    except Preempted as e:
+        ray.shutdown()
+        err.print(f"[bold yellow]preempted[/] {e}", highlight=False)
+        raise typer.Exit(PREEMPTED_EXIT) from None
     if register:
         err.print(f"Registered {summary.model_uri} (version {summary.registered_version})."
                   f" Keep an endpoint up with: [bold]lmforge serve {summary.model_uri}[/]")

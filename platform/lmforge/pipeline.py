@@ -28,7 +28,7 @@ from lmforge.registry import SPEC_TAG, Registered, by_alias, promote, register, 
 from lmforge.runs import NamedRun, RunState, require_shared_storage
 from lmforge.serve import deploy, serving_app, with_secrets
 from lmforge.tracking import RunTracker, experiment_id, flatten, lineage_tags, record_failure
-from lmforge.train import run_training
+from lmforge.train import Preempted, run_training
 from lmforge.tune import check_settings_unchanged, run_search, search_settings
 
 
@@ -173,14 +173,14 @@ def _open_run(spec: JobSpec, named: NamedRun, data: PreparedData, tags: dict[str
         with run.system_metrics(spec.tracking.system_metrics_interval_s):
             yield run
     except BaseException as e:
-        stopped = isinstance(e, KeyboardInterrupt | SystemExit)
+        stopped = isinstance(e, Preempted | KeyboardInterrupt | SystemExit)
         record_failure(run, e, traceback.format_exc(), "KILLED" if stopped else "FAILED")
         raise
     run.finish()
 
 
 def _train(spec: JobSpec, data: PreparedData, run: RunTracker, name: str) -> Trained:
-    outcome = run_training(spec, data, run, name=name)
+    outcome = run_training(spec, data, run, name=name, preemptible=True)
     run.log_loss_curve()
     return Trained(outcome.checkpoint, run, outcome.steps, outcome.val_loss,
                    outcome.best_val_loss, outcome.tokens_per_s,

@@ -5,7 +5,8 @@ checkpoint if there is one, then per optimizer step: set the LR, run `grad_accum
 micro-steps (gradients synchronised on the last only), clip, step, log; every `eval_every`
 steps evaluate, every `checkpoint_every` steps checkpoint, and report to Ray Train. Rank 0's
 metrics go to MLflow through a `TrackingBuffer` (queued, sent in the background: an MLflow
-outage never stalls the loop).
+outage never stalls the loop); a SIGTERM to the driver stops every rank after the same step
+with a checkpoint there (`lmforge.train.preempt`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lmforge.train.checkpoint import (
     save_checkpoint,
 )
 from lmforge.train.parallel import Parallel
+from lmforge.train.preempt import StopCheck, watch
 from lmforge.train.step import (
     evaluate,
     lr_at,
@@ -45,6 +47,10 @@ from lmforge.train.step import (
 )
 
 STEADY_AFTER = 2  # steps not timed at the start of an attempt (allocator, compile warm-up)
+UNSCORED = 1e30
+"""The `val_loss` a preemption checkpoint is registered with (it is not evaluated): never
+the best, and the first of the kept ones to go once a later one supersedes it. Finite,
+because Ray Train's checkpoint snapshot stores inf as null and then cannot rank it."""
 
 
 @dataclass
@@ -120,6 +126,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                         cfg.micro_batch_size, cfg.eval_batches)
     log = TrackingBuffer.for_run(tracker, spec.tracking.buffer_size) \
         if rank == 0 and tracker is not None else None
+    stop_check = StopCheck(watch(config["stop_flag"])) if config.get("stop_flag") else None
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * spec.model.block_size * world
     flops_per_step = flops_per_token(raw, spec.model.block_size) * tokens_per_step
     peak = peak_flops(cfg, device)
@@ -128,7 +135,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                         "train.global_batch_sequences": tokens_per_step // spec.model.block_size,
                         "train.tokens_per_step": tokens_per_step})
     run_id = tracker.run_id if tracker else ""
-    train_time, timed_steps = 0.0, 0
+    train_time, timed_steps, preempted = 0.0, 0, False
 
     model.train()
     for step in range(state.step, cfg.steps):
@@ -160,8 +167,19 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 + f" eta {_eta((cfg.steps - done) * step_s)}")
             log.log_metrics(throughput, step=done)
 
+        # The same answer on every rank (so they all report alike); the last step needs none.
+        preempted = stop_check is not None and stop_check.should_stop() and done < cfg.steps
         checkpointing = done % cfg.checkpoint_interval == 0 or done == cfg.steps
-        if not (checkpointing or done % cfg.eval_every == 0):
+        evaluating = checkpointing or done % cfg.eval_every == 0
+        if preempted and not evaluating:
+            # Checkpoint now, without evaluating: the grace period is short.
+            state.step = done
+            _report({"step": done, "val_loss": UNSCORED, "best_val_loss": state.best_val_loss,
+                     "tokens_per_s": tokens_per_s, "attempt": state.attempt,
+                     "resumed_from_step": resumed_from, "preempted": True},
+                    model, par, optimizer, data, rank, state, checkpoint=True, taken=set_aside)
+            break
+        if not evaluating:
             continue
         val_loss = evaluate(model, val, device, par)  # all-reduced: every rank agrees
         state.step = done
@@ -171,18 +189,23 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                    "best_val_loss": state.best_val_loss, "tokens_per_s": tokens_per_s,
                    "tokens": done * tokens_per_step, "mlflow_run_id": run_id,
                    "attempt": state.attempt, "resumed_from_step": resumed_from,
-                   "stopped_early": stop}
+                   "stopped_early": stop, "preempted": preempted}
+        finishing = (stop or done == cfg.steps) and not preempted
         if log is not None:
             log.log_metrics({k: metrics[k] for k in ("val_loss", "val_ppl")}, step=done)
             if stop:
                 say(f"[lmforge] early stop at step {done}: no better validation loss in "
                     f"{state.evals_since_best} evaluations")
-            if stop or done == cfg.steps:  # before the last report: it takes the count
+            if finishing:  # before the last report, which takes the count to the summary
                 metrics["tracking_dropped"] = log.close(spec.tracking.flush_timeout_s).dropped
         _report(metrics, model, par, optimizer, data, rank, state,
-                checkpoint=checkpointing or stop, taken=set_aside)
-        if stop:
+                checkpoint=checkpointing or stop or preempted, taken=set_aside)
+        if stop or preempted:
             break
+    if stop_check is not None:
+        stop_check.close()
+        if preempted and log is not None:  # the checkpoint first: the grace period is short
+            log.close(min(5.0, spec.tracking.flush_timeout_s))
 
 
 def _report(metrics: dict[str, Any], model: torch.nn.Module, par: Parallel,

@@ -25,6 +25,7 @@ from lmforge.storage import resolve
 from lmforge.tracking import RunTracker
 from lmforge.train.checkpoint import DCP_DIR, export_hf, set_aside_reason
 from lmforge.train.loop import StepHook, train_fn_per_worker
+from lmforge.train.preempt import Preempted, Preemption
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,15 @@ class TrainOutcome:
 
 def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
                   callbacks: Sequence[UserCallback] = (),
-                  step_hook: StepHook | None = None) -> TorchTrainer:
+                  step_hook: StepHook | None = None,
+                  preemption: Preemption | None = None) -> TorchTrainer:
     cfg = spec.train
     require_shared_storage(spec, search=False)  # a multi-host run needs shared paths
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"spec": spec, "data": data, "tracker": tracker,
-                           "step_hook": step_hook},
+                           "step_hook": step_hook,
+                           "stop_flag": preemption.flag if preemption else None},
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.use_gpu,
@@ -76,18 +79,31 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
 
 def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
                  callbacks: Sequence[UserCallback] = (),
-                 step_hook: StepHook | None = None) -> TrainOutcome:
+                 step_hook: StepHook | None = None, preemptible: bool = False
+                 ) -> TrainOutcome:
     """Train run `name` to `train.steps` (or an early stop). Ray Train continues the run
     from the latest checkpoint it finds in storage under `name`: whether that is wanted
     (`--resume`) or refused is the caller's rule (`lmforge.runs.NamedRun`).
 
     `step_hook(StepInfo)` runs on every worker after each optimizer step: how the chaos
-    tests inject faults (a worker killed, a checkpoint damaged, a hang) at a known step."""
-    result = build_trainer(spec, data, tracker, name, callbacks, step_hook).fit()
+    tests inject faults (a worker killed, a checkpoint damaged, a hang) at a known step.
+
+    `preemptible`: a SIGTERM to this process while it trains (in the main thread) makes
+    the workers checkpoint at the next step boundary and stop, and this raise
+    `Preempted` (`lmforge.train.preempt`)."""
+    preemption = Preemption() if preemptible else None
+    trainer = build_trainer(spec, data, tracker, name, callbacks, step_hook, preemption)
+    try:
+        result = preemption.run(trainer.fit) if preemption else trainer.fit()
+    finally:
+        if preemption is not None:
+            preemption.close()
+    m = result.metrics or {}
+    if m.get("preempted"):
+        raise Preempted(m["step"])
     best = best_intact(result.best_checkpoints)
     if best is None:
         raise RuntimeError(f"training run {name!r} reported no checkpoint that loads")
-    m = result.metrics
     return TrainOutcome(steps=m["step"], val_loss=m["val_loss"], best_val_loss=m["best_val_loss"],
                         tokens_per_s=m["tokens_per_s"], checkpoint=hf_directory(best),
                         attempts=m["attempt"], resumed_from_step=m["resumed_from_step"],
