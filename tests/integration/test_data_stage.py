@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,16 +21,7 @@ from lmforge.data import stage
 from lmforge.data.manifest import MANIFEST, Manifest
 from lmforge.data.tokenizer import EOS
 
-from .helpers import (
-    BIN,
-    ROOT,
-    SPEC,
-    free_port,
-    kill_driver_when,
-    lmforge,
-    own_cluster_env,
-    wait_until,
-)
+from .helpers import SPEC, lmforge, moto_s3, own_cluster_env, s3fs
 
 BPE = TokenizerConfig(kind="bpe", vocab_size=400)
 
@@ -91,87 +80,49 @@ def test_txt_jsonl_and_parquet_on_ray_data(ray_cluster, tmp_path):
 
 @pytest.fixture
 def s3(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A moto S3 server on a free port with bucket `lmforge-data`; yields the environment
-    that points pyarrow (and so lmforge and its Ray workers) at it."""
-    port = free_port()
-    log = (tmp_path / "moto.log").open("w")
-    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    try:
-        import boto3
-        import botocore.exceptions
-
-        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
-                              aws_access_key_id="testing", aws_secret_access_key="testing",
-                              region_name="us-east-1")
-
-        def bucket_made() -> bool:
-            try:
-                client.create_bucket(Bucket="lmforge-data")
-                return True
-            except botocore.exceptions.EndpointConnectionError:
-                return False
-
-        wait_until(bucket_made, "moto server up", timeout_s=60, interval_s=0.1)
-        yield env
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+    """A moto S3 server (a subprocess) on a free port with bucket `lmforge-data`; yields the
+    environment that points pyarrow (and so lmforge and its Ray workers) at it."""
+    yield from moto_s3(tmp_path)
 
 
-def s3fs(env: dict[str, str]) -> pafs.S3FileSystem:
-    return pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing",
-                             secret_key="testing", region="us-east-1")
+def s3_corpus(fs: pafs.S3FileSystem, docs: list[str], per_file: int = 10) -> None:
+    for i in range(0, len(docs), per_file):
+        with fs.open_output_stream(f"lmforge-data/corpus/{i // per_file:03d}.txt") as out:
+            out.write("\n\n".join(docs[i:i + per_file]).encode())
 
 
-def test_lmforge_data_on_s3_killed_then_rerun(s3, tmp_path):
-    """Corpus and entry on s3://. A run killed (SIGKILL, its local Ray with it) after some
-    blocks finished leaves no manifest; the rerun reuses those blocks and writes a manifest
-    whose every shard exists; a third run is a cache hit. (The subprocesses start their own
-    Ray: the session's cluster was started without the S3 server's environment.)"""
-    fs = s3fs(s3)
-    for i, doc in enumerate(corpus_docs(400)):  # ~1.6 MB in 40 files, ~100 KB blocks
-        if i % 10 == 0:
-            batch = []
-        batch.append(doc)
-        if i % 10 == 9:
-            with fs.open_output_stream(f"lmforge-data/corpus/{i // 10:03d}.txt") as out:
-                out.write("\n\n".join(batch).encode())
-    env = own_cluster_env(**s3)
-    args = ["data", str(SPEC), "data.path=s3://lmforge-data/corpus/*.txt",
-            "data.sample_by=paragraph", "data.cache_dir=s3://lmforge-data/cache",
-            "data.block_bytes=40000", "tokenizer.kind=bpe",
-            f"tokenizer.vocab_size={BPE.vocab_size}"]
+S3_ARGS = ["data", str(SPEC), "data.path=s3://lmforge-data/corpus/*.txt",
+           "data.sample_by=paragraph", "data.cache_dir=s3://lmforge-data/cache",
+           "data.block_bytes=40000", "tokenizer.kind=bpe",
+           f"tokenizer.vocab_size={BPE.vocab_size}"]
 
-    def parts() -> list[str]:
-        infos = fs.get_file_info(pafs.FileSelector("lmforge-data/cache", recursive=True,
-                                                   allow_not_found=True))
-        return [i.path for i in infos if i.type == pafs.FileType.File]
 
-    kill_driver_when([sys.executable, "-m", "lmforge", *args],
-                     lambda: any("/parts/" in p for p in parts()), "a first finished block",
-                     cwd=ROOT, env=env, log=tmp_path / "killed.log")
-    written = parts()
-    assert not any(p.endswith(MANIFEST) for p in written), "a killed stage left a manifest"
-
-    rerun = lmforge(*args, env=env, timeout_s=600, stall_s=180)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
-    assert summary["cached"] is False and summary["reused_blocks"] >= 1
-    assert summary["blocks"] > summary["reused_blocks"]
-    entry = f"lmforge-data/cache/{summary['fingerprint']}"
+def s3_manifest(fs: pafs.S3FileSystem, fingerprint: str) -> tuple[Manifest, list[str]]:
+    """The entry's manifest, and the paths of the files it names that do not exist."""
+    entry = f"lmforge-data/cache/{fingerprint}"
     with fs.open_input_stream(f"{entry}/{MANIFEST}") as f:
         manifest = Manifest.from_json(f.read().decode())
     names = [f"{entry}/{s.file}" for s in manifest.train + manifest.validation]
-    assert all(i.type == pafs.FileType.File for i in fs.get_file_info(names))
-    assert summary["tokens"] == manifest.tokens("train") + manifest.tokens("validation")
-    assert summary["shards"] == len(names) and set(summary) >= {
-        "fingerprint", "shards", "tokens", "tokens_per_s", "wall_s", "cached"}
+    return manifest, [i.path for i in fs.get_file_info(names) if i.type != pafs.FileType.File]
 
-    # A third run finds the entry whole and builds nothing (no Ray needed: none is started).
+
+def test_lmforge_data_reads_and_writes_s3(s3, tmp_path):
+    """Corpus (a glob) and entry on s3://, packed by `lmforge data` on its own local Ray
+    (the session's cluster was started without the S3 server's environment); a second run
+    is a cache hit that starts nothing."""
+    fs = s3fs(s3)
+    docs = corpus_docs(60)
+    s3_corpus(fs, docs)
+    run = lmforge(*S3_ARGS, env=own_cluster_env(**s3), timeout_s=600, stall_s=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(summary) >= {"fingerprint", "shards", "tokens", "tokens_per_s", "wall_s",
+                            "cached"}
+    assert summary["cached"] is False and summary["blocks"] > 1
+    manifest, missing = s3_manifest(fs, summary["fingerprint"])
+    assert not missing and summary["shards"] == len(manifest.train) + len(manifest.validation)
+    assert summary["tokens"] == manifest.tokens("train") + manifest.tokens("validation")
+
     with pytest.MonkeyPatch.context() as mp:
         for k, v in s3.items():
             mp.setenv(k, v)

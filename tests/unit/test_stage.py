@@ -212,6 +212,9 @@ def test_manifest_is_written_last_and_a_killed_stage_leaves_none(tmp_path, docs_
     writes.clear()
     monkeypatch.setattr(stage, "put_bytes", lambda fs, path, payload: (
         writes.append(path), real_put(fs, path, payload)))
+    real_manifest = stage.write_manifest
+    monkeypatch.setattr(stage, "write_manifest", lambda entry, manifest: (
+        writes.append(f"{entry}/{MANIFEST}"), real_manifest(entry, manifest)))
     result = stage.run_stage(data, CHAR, run_blocks=in_process)
     assert result.reused_blocks == 3 and result.blocks == 6
     assert writes[-1].endswith(MANIFEST) and sum(w.endswith(MANIFEST) for w in writes) == 1
@@ -311,3 +314,16 @@ def test_corpus_smaller_than_a_block_is_refused(tmp_path):
     with pytest.raises(ValueError, match="model.block_size"):
         prepare_data(cfg(tmp_path, path=str(tmp_path / "tiny.txt")), CHAR, 64,
                      run_blocks=in_process)
+
+
+def test_the_sample_stops_at_its_budget_on_whole_json_lines(tmp_path, write_jsonl):
+    rows = [{"text": f"document {i} " + "x" * 500} for i in range(40)]
+    write_jsonl(rows[:20], name="a.jsonl")
+    write_jsonl(rows[20:], name="b.jsonl")
+    data = cfg(tmp_path, path=str(tmp_path / "*.jsonl"))
+    source = stage.list_corpus(data)
+    for budget in (100, 1500, 6000, 10**6):  # under one line, a few lines, all of them
+        texts = stage.sample_texts(source, data, budget)
+        assert sum(len(t.encode()) for t in texts) <= budget
+        assert all(t in [r["text"] for r in rows] for t in texts)
+    assert len(stage.sample_texts(source, data, 10**6)) == 40

@@ -54,13 +54,13 @@ import pyarrow.fs as pafs
 from lmforge import storage
 from lmforge.config import DataConfig, TokenizerConfig
 from lmforge.data.manifest import (
-    MANIFEST,
     VERSION,
     Manifest,
     PreparedData,
     Shard,
     join,
     read_manifest,
+    write_manifest,
 )
 
 Kind = Literal["text", "json", "parquet", "hub", "pydoc"]
@@ -501,7 +501,7 @@ def run_stage(data: DataConfig, tok_cfg: TokenizerConfig,
         train=tuple(sorted(shards["train"], key=lambda s: s.file)),
         validation=tuple(sorted(shards["validation"], key=lambda s: s.file)),
         settings=settings(data, tok_cfg), source=source.describe())
-    put_bytes(fs, f"{root}/{MANIFEST}", manifest.to_json().encode())  # last: the entry is whole
+    write_manifest(entry, manifest)  # last, in one put: now the entry is whole
     reused = sum(p["reused"] for p in parts)
     wall = time.perf_counter() - start
     log(f"{fp}: {len(parts)} blocks ({reused} reused), "
@@ -534,8 +534,6 @@ def ray_blocks(source: Source, data: DataConfig, job: PackJob) -> list[dict[str,
     from lmforge.cluster import init_ray
 
     init_ray()
-    # Ray Data's workers write the shards: on several hosts, not to a local directory.
-    storage.require_shared(storage.resolve(data.cache_dir, "data.cache_dir"))
     # The number of blocks follows the listing, not the cluster: the same corpus cuts into
     # the same blocks (so the same block keys) on a laptop and on a cluster, and a rerun
     # reuses what finished.
@@ -645,8 +643,9 @@ def _file_texts(source: Source, f: SourceFile, data: DataConfig, limit: int) -> 
         raw = stream.read(limit)
         truncated = len(raw) == limit and stream.read(1) != b""
     text = raw.decode("utf-8", "ignore")
-    if truncated:  # the head of a larger file: keep whole lines only
-        text = text[:text.rfind("\n") + 1] or text
+    if truncated:  # the head of a larger file: keep whole lines (a .txt without any: all)
+        cut = text.rfind("\n")
+        text = text[:cut + 1] if cut >= 0 else text if source.kind == "text" else ""
     if source.kind == "text":
         yield from documents(text, data.sample_by)
         return
