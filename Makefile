@@ -38,6 +38,10 @@ LMFORGE_CHAOS_REPORT ?= runs/chaos-report.md
 test-chaos: install  ## fault injection under load (tests/chaos), a row per scenario in $(LMFORGE_CHAOS_REPORT)
 	LMFORGE_CHAOS_REPORT=$(LMFORGE_CHAOS_REPORT) $(BIN)/python -m pytest --durations=0 tests/chaos
 
+.PHONY: test-multihost
+test-multihost: install  ## hosts that share nothing (Linux namespaces, root; not in `make test`)
+	$(BIN)/python -m pytest --durations=0 tests/multihost
+
 bench: install  ## training throughput against a bare PyTorch loop (the others: see bench/README.md)
 	$(BIN)/python bench/train.py
 

@@ -1,11 +1,12 @@
 """For the whole suite: markers by folder, a private temp dir, and the shared Ray fixtures.
 
 `pytestmark` in a conftest marks nothing, so every test under tests/integration gets the
-`integration` marker here, and every one under tests/chaos the `chaos` marker: `-m
-integration` / `-m "not integration"` / `-m chaos` select what they say. A test marked
-`gpu` is skipped where torch sees no CUDA device. The Ray, MLflow and Serve fixtures both
-integration/ and chaos/ use live in tests/ray_fixtures.py, loaded here as a plugin (only
-a top-level conftest may name plugins).
+`integration` marker here, every one under tests/chaos the `chaos` marker and every one
+under tests/multihost the `multihost` marker: `-m integration` / `-m "not integration"` /
+`-m chaos` / `-m multihost` select what they say. A test marked `gpu` is skipped where
+torch sees no CUDA device. The Ray, MLflow and Serve fixtures both integration/ and chaos/
+use live in tests/ray_fixtures.py, loaded here as a plugin (only a top-level conftest may
+name plugins).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ pytest_plugins = ["tests.ray_fixtures"]
 
 INTEGRATION = Path(__file__).parent / "integration"
 CHAOS = Path(__file__).parent / "chaos"
+MULTIHOST = Path(__file__).parent / "multihost"
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by -m
@@ -30,6 +32,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
         elif item.path.is_relative_to(CHAOS):
             item.add_marker(pytest.mark.chaos)
+        elif item.path.is_relative_to(MULTIHOST):
+            item.add_marker(pytest.mark.multihost)
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if gpu:
         import torch  # only when a gpu test was collected: importing torch takes seconds

@@ -2,7 +2,8 @@
 tests/conftest.py (`pytest_plugins`): Ray's settings for the session, one private local Ray
 cluster, the guard that no training run outlives its test, the tiny spec with every piece
 of state under the test's tmp_path, a real `mlflow server` that a test can stop and start
-again (an outage), and the tiny model the Serve tests inject.
+again (an outage), the tiny model the Serve tests inject, and an S3-compatible object
+store (a real moto server: `moto_s3()`, `s3_server`, `s3_env`).
 
 Nothing here is autouse: a folder that needs Ray's settings and the guard turns them on in
 its own conftest (tests/integration, tests/chaos), so the unit tests stay free of them.
@@ -10,14 +11,19 @@ its own conftest (tests/integration, tests/chaos), so the unit tests stay free o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import cloudpickle
@@ -213,3 +219,94 @@ def tiny_model(uri: str) -> LoadedModel:
     model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64),
                         len(tokenizer), tokenizer.eos_token_id)
     return LoadedModel(model.eval(), tokenizer, name=uri)
+
+
+# --- an S3-compatible object store ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running moto S3 server: its endpoint and the environment that points the AWS SDK
+    (pyarrow, boto3) and `lmforge.storage` at it with dummy keys."""
+
+    endpoint_url: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true"}  # no lookups of an instance profile
+
+    def bucket(self) -> str:
+        """A new empty bucket; returns `s3://NAME`."""
+        import pyarrow.fs
+
+        name = f"lmf-{uuid.uuid4().hex[:12]}"
+        pyarrow.fs.S3FileSystem(endpoint_override=self.endpoint_url, access_key="testing",
+                                secret_key="testing", region="us-east-1",
+                                allow_bucket_creation=True).create_dir(name)
+        return f"s3://{name}"
+
+
+@contextlib.contextmanager
+def moto_s3(host: str = "127.0.0.1") -> Iterator[S3Server]:
+    """`moto_server` on a free port of `host` until the block ends (moto[server], a dev
+    dependency). Ready when it answers HTTP; a port taken between the pick and the bind
+    (another process won the race) is retried with a new one."""
+    moto = BIN / "moto_server"
+    # Its log (a line per request) goes to a file: a pipe nobody reads fills up, and then
+    # the server blocks on its next log line and stops answering.
+    log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)
+    for _ in range(3):
+        port = free_port() if host == "127.0.0.1" else _free_port_on(host)
+        proc = subprocess.Popen([str(moto), "-H", host, "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://{host}:{port}"
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        if proc.poll() is None:
+            break
+    else:
+        raise RuntimeError(f"moto_server did not start on {host}: "
+                           f"{Path(log.name).read_text()[-2000:]}")
+    try:
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"moto_server on {url} did not answer within 60 s")
+        yield S3Server(url)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        os.unlink(log.name)
+
+
+def _free_port_on(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One moto S3 server for the session (started on first use); each test takes its own
+    `s3_server.bucket()`. Processes a test starts reach it with `s3_server.env`."""
+    with moto_s3() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """`s3_server` with its environment set in this process (for this test)."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    return s3_server

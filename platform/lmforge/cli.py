@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from lmforge.capacity import ResourceError
 from lmforge.config import JobSpec, SpecError, default_run_name, load, resolve_tracking_uri
 from lmforge.runs import NamedRun, ResumeError, RunExists, resume_target
 
@@ -54,6 +55,8 @@ def _execute(spec: JobSpec, search: bool, register: bool, serve_check: bool,
 
     from lmforge.pipeline import Stages, execute
     from lmforge.serve import with_secrets
+    from lmforge.train import Preempted
+    from lmforge.train.preempt import EXIT_CODE as PREEMPTED_EXIT
 
     if serve_check:  # its API keys are read at the end of the run: check them first
         try:
@@ -70,6 +73,13 @@ def _execute(spec: JobSpec, search: bool, register: bool, serve_check: bool,
     except ResumeError as e:
         err.print(f"[bold red]cannot resume[/] {e}", highlight=False)
         raise typer.Exit(2) from None
+    except ResourceError as e:
+        err.print(f"[bold red]does not fit[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    except Preempted as e:
+        ray.shutdown()
+        err.print(f"[bold yellow]preempted[/] {e}", highlight=False)
+        raise typer.Exit(PREEMPTED_EXIT) from None
     if register:
         err.print(f"Registered {summary.model_uri} (version {summary.registered_version})."
                   f" Keep an endpoint up with: [bold]lmforge serve {summary.model_uri}[/]")
@@ -314,6 +324,12 @@ def submit(
         "overrides (serve.api_keys=...) with the job, where anyone who can list the "
         "cluster's jobs or open its dashboard reads them. Default: they stay here and the "
         "nodes need their own (docs/clusters.md#secrets).")] = False,
+    runtime_env_json: Annotated[str | None, typer.Option(
+        help="Ray runtime_env entries for the job, as JSON, e.g. '{\"pip\": [\"typer\"]}' "
+        "(pip, uv, conda, env_vars): how to give the job what the cluster lacks.")] = None,
+    preflight: Annotated[bool, typer.Option(
+        help="First run a short job that checks the cluster's python and every node's "
+        "workers have lmforge's dependencies; fail at once naming what is missing.")] = True,
 ) -> None:
     """Send `lmforge run SPEC` to a Ray cluster through the Jobs API; print the job id.
 
@@ -335,6 +351,21 @@ def submit(
                   "(in the spec or as an override) to the run to continue", highlight=False)
         raise typer.Exit(2)
     job.tracking.run_name = job.tracking.run_name or default_run_name(spec)
+    try:
+        extra = json.loads(runtime_env_json) if runtime_env_json else {}
+        if not isinstance(extra, dict):
+            raise ValueError("a JSON object")
+    except ValueError as e:
+        err.print(f"[bold red]not submitted[/] --runtime-env-json: expected a JSON object "
+                  f"({e})", highlight=False)
+        raise typer.Exit(2) from None
+    if (named := [k for k in extra.get("env_vars", {}) if jobs.is_secret(k)]) \
+            and not forward_secrets:
+        err.print(f"[bold red]not submitted[/] --runtime-env-json: env_vars "
+                  f"{', '.join(named)} are secrets; {jobs.EXPOSED}. Give the cluster's nodes "
+                  "their own (docs/clusters.md#secrets), or pass --forward-secrets",
+                  highlight=False)
+        raise typer.Exit(2)
     environ = dict(os.environ)
     env = jobs.job_env(resolve_tracking_uri(job.tracking, Path("runs")), environ,
                        forward_secrets)
@@ -353,9 +384,20 @@ def submit(
             err.print(f"Not sent with the job (secrets): {', '.join(secrets)}; the cluster's "
                       "nodes need their own (docs/clusters.md#secrets), or pass "
                       "--forward-secrets.", highlight=False)
+    if preflight:
+        from lmforge import preflight as checks
+
+        try:
+            checks.check(jobs.client(address), {**extra, "env_vars": {
+                **extra.get("env_vars", {}), **env}})
+        except checks.PreflightError as e:
+            err.print("[bold red]not submitted[/]", end=" ")
+            err.print(str(e), highlight=False, markup=False)
+            raise typer.Exit(1) from None
     try:
         submitted = jobs.submit(address, spec, overrides or [], job.tracking.run_name, Path.cwd(),
-                                env, submission_id=submission_id, resume=resume)
+                                env, submission_id=submission_id, resume=resume,
+                                runtime_env_extra=extra)
     except (jobs.SubmitError, ValueError) as e:
         err.print(f"[bold red]not submitted[/] {e}", highlight=False)
         raise typer.Exit(1) from None

@@ -136,8 +136,10 @@ class LocalCluster:
     @classmethod
     def up(cls, nodes: int = 2, cpus_per_node: int = 1, root: Path = Path("runs/cluster"),
            home: Path | None = None, gpus_per_node: int = 0, object_store_mb: int = 256,
-           timeout_s: float = 120) -> LocalCluster:
-        """Start a head and `nodes - 1` workers; return once all are ALIVE."""
+           timeout_s: float = 120, node_path: str | None = None) -> LocalCluster:
+        """Start a head and `nodes - 1` workers; return once all are ALIVE. The nodes' PATH
+        (where a job's `python` is found) is this interpreter's bin, then $PATH, unless
+        `node_path` gives another."""
         if nodes < 1:
             raise ValueError(f"nodes must be at least 1 (got {nodes})")
         if cpus_per_node < 1:
@@ -153,8 +155,8 @@ class LocalCluster:
         (root / "logs").mkdir(parents=True, exist_ok=True)
 
         env = cls._client_env(home)
-        node_env = dict(os.environ, **env,
-                        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+        node_env = dict(os.environ, **env, PATH=node_path or
+                        f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
         node_env.pop("RAY_ADDRESS", None)
         gcs_port, dashboard_port = free_port(), free_port()
         cluster = cls(root=root, address=f"127.0.0.1:{gcs_port}",

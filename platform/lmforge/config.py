@@ -26,6 +26,9 @@ from pydantic import (
     model_validator,
 )
 
+from lmforge.storage import StorageError
+from lmforge.storage import resolve as resolve_storage
+
 
 class SpecError(ValueError):
     """A job spec that cannot run. The message names the file and the field path."""
@@ -56,7 +59,9 @@ class DataConfig(Section):
     `val_fraction`, cut at a line end, to validation instead."""
     cache_dir: str = "runs/cache"
     """Where the token shards and their manifest are written, one entry per fingerprint: a
-    local directory, a directory on a shared mount, or an object-store URI (`s3://...`)."""
+    local directory, a directory on a shared mount, or an object-store URI (`s3://BUCKET/
+    PREFIX`, `gs://`, `abfs://`). On a cluster of several hosts it must be shared (checked
+    before any worker starts)."""
     shard_tokens: int = Field(2**23, ge=1024)
     """Tokens per shard file (the last shard of each block of work holds the rest). 2**23
     tokens is 16 MB at uint16: a worker fetches a remote shard in well under a second, a
@@ -191,14 +196,22 @@ class TrainConfig(Section):
     seed: int = 1337
     """Seed for initialisation and data order."""
     storage_path: str = "runs/ray"
-    """Where Ray Train persists checkpoints and results."""
+    """Where Ray Train persists checkpoints and results: a local directory, a shared mount,
+    or an object-store URI (`s3://BUCKET/PREFIX`, `gs://`, `abfs://`; S3-compatible stores
+    through `AWS_ENDPOINT_URL`). On a cluster of several hosts it must be shared."""
     keep_checkpoints: int = Field(2, gt=0)
     """Checkpoints kept: the best this many by validation loss, plus always the latest (the
     one a restart resumes from), through Ray Train's `CheckpointConfig`."""
     max_failures: int = Field(2, ge=-1)
     """Times Ray Train restarts the worker group after a worker dies (-1: no limit); each
-    restart resumes from the latest checkpoint, so at most `checkpoint_every` steps are
-    redone."""
+    restart resumes from the latest checkpoint (or, when that one does not load, the next
+    newest kept one), so at most `checkpoint_every` steps are redone."""
+    scheduling_timeout_s: float | None = Field(None, gt=0)
+    """Seconds to wait for an autoscaler to add the nodes a run (or one trial) needs, then
+    give up. Where Ray reports an autoscaler's limits (autoscaler v2, as KubeRay runs it),
+    unset means 600. A cluster that reports none is taken as fixed: a run it cannot hold
+    fails at once, unless this is set (an autoscaler v1 cluster, such as `ray up` with
+    cluster/launcher/, whose limits Ray does not publish)."""
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> TrainConfig:
@@ -297,7 +310,8 @@ class TuneConfig(Section):
     driver_cpus: float = Field(0.1, gt=0)
     """CPUs reserved for each trial's driver function (Ray refuses 0)."""
     storage_path: str = "runs/ray"
-    """Where Ray Tune keeps the experiment state (`lmforge tune --resume` restores it)."""
+    """Where Ray Tune keeps the experiment state (`lmforge tune --resume` restores it): a
+    local directory, a shared mount, or an object-store URI, like `train.storage_path`."""
 
 
 class TrackingConfig(Section):
@@ -389,10 +403,18 @@ class ServeConfig(Section):
     (and its end) sooner, longer rides out bursts. Load is reported at least twice per
     window."""
     max_ongoing_requests: int = Field(16, ge=1)
-    """Most requests one replica holds at once (decoding or waiting for a batch)."""
+    """Most requests one replica works on at once (decoding or waiting for a batch). A
+    request takes one of these slots only once its whole body is in: those still sending
+    count against `max_receiving_requests` instead."""
+    max_receiving_requests: int = Field(128, ge=1)
+    """Most requests one replica holds while their bodies arrive, apart from
+    `max_ongoing_requests`, so that slow senders (each for up to `body_timeout_s`) cannot
+    take the slots of requests ready to run. Beyond it a request is refused at once with
+    `backpressure_status`."""
     max_queued_requests: int = Field(64, ge=-1)
-    """Requests queued in front of the replicas when all are full; beyond it a request is
-    refused at once with `backpressure_status`. -1: no limit."""
+    """Requests waiting for a slot, in front of the replicas when all are full and, once
+    their body is in, in each replica; beyond it a request is refused at once with
+    `backpressure_status`. -1: no limit."""
     backpressure_status: Literal[503, 429] = 503
     """HTTP status of a request refused because the queue is full."""
     retry_after_s: float | None = Field(1.0, ge=0)
@@ -562,7 +584,7 @@ def load(path: str | Path | None, overrides: list[str] | None = None,
     except ValidationError as e:
         raise SpecError(_format_errors(source, e)) from None
     _check_corpus(spec.data, source)
-    _make_paths_absolute(spec)
+    _make_paths_absolute(spec, source)
     if name_run and spec.tracking.run_name is None:
         spec.tracking.run_name = default_run_name(path)
     return spec
@@ -580,15 +602,20 @@ def run_name_stem(path: str | Path | None) -> str:
     return stem.lstrip("-_.")[:100] or "lmforge"
 
 
-def _make_paths_absolute(spec: JobSpec) -> None:
+def _make_paths_absolute(spec: JobSpec, source: str) -> None:
     """Resolve local paths against the current directory once, here: Ray workers, trial
-    drivers and replicas run with other working directories."""
-    for section, field in (("data", "path"), ("data", "cache_dir"), ("train", "storage_path"),
+    drivers and replicas run with other working directories. The storage fields go through
+    `storage.resolve`, which keeps an object-store URI verbatim and refuses an unknown
+    scheme naming the field."""
+    for section, field in (("data", "cache_dir"), ("train", "storage_path"),
                            ("tune", "storage_path")):
         owner = getattr(spec, section)
-        value = getattr(owner, field)
-        if value is not None and "://" not in value:
-            setattr(owner, field, str(Path(value).expanduser().resolve()))
+        try:
+            setattr(owner, field, resolve_storage(getattr(owner, field), f"{section}.{field}").uri)
+        except StorageError as e:
+            raise SpecError(f"{source}: {e}") from None
+    if spec.data.path is not None and "://" not in spec.data.path:
+        spec.data.path = str(Path(spec.data.path).expanduser().resolve())
     # A pretrained model is a local directory or a hub id: only an existing path is resolved.
     for owner in (spec.model, spec.tokenizer):
         name = "pretrained" if owner is spec.model else "path"

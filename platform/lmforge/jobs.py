@@ -7,14 +7,16 @@ import re
 import shlex
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
 AGENT_WAIT_S = 60
+T = TypeVar("T")
 # Local state never travels: a stray MLflow store (mlflow.db, mlruns/, mlartifacts/) in the
 # project would be uploaded to the cluster's GCS with the code, run history and models too.
 _EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/",
@@ -46,7 +48,8 @@ def client(address: str) -> JobSubmissionClient:
 # (docs/clusters.md#secrets).
 FORWARDED_ENV = ("LMFORGE_API_KEYS", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                 "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                 "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                  "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL",
                  "GOOGLE_APPLICATION_CREDENTIALS")
 _SECRET = re.compile(r"(?:^|_)(?:SECRETS?|TOKEN|PASSWORD|PASSWD|KEYS?)(?:_|$)")
@@ -151,9 +154,11 @@ def entrypoint(spec_rel: str, overrides: list[str], run_name: str,
 
 def submit(address: str, spec_path: Path, overrides: list[str], run_name: str,
            project_root: Path, env: dict[str, str], submission_id: str | None = None,
-           resume: bool = False) -> Submitted:
+           resume: bool = False, runtime_env_extra: dict[str, Any] | None = None
+           ) -> Submitted:
     """Submit `lmforge run SPEC` with the project as the job's working_dir.
 
+    `runtime_env_extra` (`--runtime-env-json`: pip, uv, conda, env_vars) is merged in.
     The job id is `submission_id`, or the run name plus a random suffix. What the cluster's
     earlier jobs tagged with this run name decide (`_last_unfinished`): the job runs with
     `--resume` when asked, with `--resume-if-started` when the run's last job FAILED or was
@@ -166,19 +171,18 @@ def submit(address: str, spec_path: Path, overrides: list[str], run_name: str,
         raise ValueError(f"{spec_path}: the spec must live inside the project ({root}), "
                          "which is shipped to the cluster as the job's working_dir")
     runtime_env: dict[str, Any] = {
+        **(runtime_env_extra or {}),  # the user's pip/uv/conda: what the preflight checked
         "working_dir": str(root),
         "excludes": _EXCLUDES,
-        "env_vars": env,
+        "env_vars": {**(runtime_env_extra or {}).get("env_vars", {}), **env},
     }
     if (root / "platform" / "lmforge").is_dir():
         runtime_env["py_modules"] = [str(root / "platform" / "lmforge")]
     job_id = submission_id or \
         f"lmforge-{re.sub(r'[^A-Za-z0-9_-]', '-', run_name)}-{uuid.uuid4().hex[:6]}"
     jobs_client = client(address)
-    # A freshly started head answers the Jobs API before its job agent is up and says so
-    # with a 500; retry that one error for a bounded time instead of failing the user.
-    deadline = time.monotonic() + AGENT_WAIT_S
-    while True:
+
+    def attempt() -> Submitted:
         try:
             last = _last_unfinished(jobs_client, job_id, run_name, resume)
             flag = "--resume" if resume else "--resume-if-started" if last else None
@@ -189,13 +193,26 @@ def submit(address: str, spec_path: Path, overrides: list[str], run_name: str,
                           "lmforge.resume": flag or "no"},
             ), last)
         except RuntimeError as e:
-            if isinstance(e, SubmitError):
-                raise
             if "already exists" in str(e):  # Ray's own check, should another client race us
                 raise SubmitError(f"job id {job_id!r} already exists on {address}; "
                                   "it is not overwritten (choose another --submission-id)"
                                   ) from None
-            if "No available agent" not in str(e) or time.monotonic() > deadline:
+            raise
+
+    return when_agent_ready(attempt)
+
+
+def when_agent_ready(call: Callable[[], T]) -> T:
+    """`call()`, retried for up to AGENT_WAIT_S while the head says its job agent is not
+    up: a freshly started head answers the Jobs API before its agent, with a 500 saying
+    so, and that one error should not fail the user."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return call()
+        except RuntimeError as e:
+            if isinstance(e, SubmitError) or "No available agent" not in str(e) \
+                    or time.monotonic() > deadline:
                 raise
             time.sleep(1)
 

@@ -1,9 +1,10 @@
 """The stages wired together: data -> train or search -> register and promote -> serve check.
 
 `execute` is what `lmforge run|train|tune` call. It reads as the sequence it runs: check
-that the named run may start (or resume), prepare the data, open the run, train or search,
-register and promote, check the endpoint, close. Each stage gets its section of the spec
-as a typed argument; the MLflow tracking URI is resolved once, when the run opens.
+that the named run may start (or resume), join Ray and check that the run fits on the
+cluster, prepare the data, open the run, train or search, register and promote, check the
+endpoint, close. Each stage gets its section of the spec as a typed argument; the MLflow
+tracking URI is resolved once, when the run opens.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from typing import Any
 
 import httpx
 
+from lmforge.capacity import Demand, ensure_fits
 from lmforge.cluster import init_ray
 from lmforge.config import JobSpec, resolve_tracking_uri
 from lmforge.data import PreparedData, prepare_data
 from lmforge.registry import SPEC_TAG, Registered, by_alias, promote, register, spec_tag
-from lmforge.runs import NamedRun, RunState
+from lmforge.runs import NamedRun, RunState, require_shared_storage
 from lmforge.serve import deploy, serving_app, with_secrets
 from lmforge.tracking import RunTracker, experiment_id, flatten, lineage_tags, record_failure
-from lmforge.train import run_training
+from lmforge.train import Preempted, run_training
 from lmforge.tune import check_settings_unchanged, run_search, search_settings
 
 
@@ -103,11 +105,17 @@ def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs"),
     start = time.perf_counter()
     named = NamedRun.of(spec, search=stages.search)
     recorded = _may_start(spec, named, resume)  # before anything is started
+    init_ray()
+    # A run the cluster can never hold would wait for its workers forever: fail (or wait
+    # for an autoscaler, bounded) before preparing data or opening an MLflow run.
+    ensure_fits(Demand.of(spec, search=stages.search), spec.train.scheduling_timeout_s)
+    # On several hosts every path must be shared: refused here, before the data stage
+    # writes a local cache other hosts cannot read, or any worker starts.
+    require_shared_storage(spec, stages.search)
     data = prepare_data(spec.data, spec.tokenizer, spec.model.block_size)
     print(f"[lmforge] data {data.fingerprint}: {data.train_tokens:,} train / "
           f"{data.val_tokens:,} validation tokens, vocab {data.vocab_size}", flush=True)
     tags = lineage_tags(data.fingerprint, f"{spec.tokenizer.kind}, vocab {data.vocab_size}")
-    init_ray()
     with _open_run(spec, named, data, tags, runs_dir, recorded) as run:
         if stages.search:
             trained = _search(spec, data, run, tags, named.name, resume)
@@ -165,14 +173,14 @@ def _open_run(spec: JobSpec, named: NamedRun, data: PreparedData, tags: dict[str
         with run.system_metrics(spec.tracking.system_metrics_interval_s):
             yield run
     except BaseException as e:
-        stopped = isinstance(e, KeyboardInterrupt | SystemExit)
+        stopped = isinstance(e, Preempted | KeyboardInterrupt | SystemExit)
         record_failure(run, e, traceback.format_exc(), "KILLED" if stopped else "FAILED")
         raise
     run.finish()
 
 
 def _train(spec: JobSpec, data: PreparedData, run: RunTracker, name: str) -> Trained:
-    outcome = run_training(spec, data, run, name=name)
+    outcome = run_training(spec, data, run, name=name, preemptible=True)
     run.log_loss_curve()
     return Trained(outcome.checkpoint, run, outcome.steps, outcome.val_loss,
                    outcome.best_val_loss, outcome.tokens_per_s,

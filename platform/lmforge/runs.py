@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
 
 from lmforge.config import JobSpec, run_name_stem
-from lmforge.storage import filesystem
+from lmforge.storage import StoragePath, require_shared, resolve
 
 STATE_FILE = "lmforge_run.json"
 _OLD_SEARCH_STATE = "lmforge_search.json"  # what searches recorded before this module
@@ -74,14 +75,18 @@ class NamedRun:
     def kind(self) -> str:
         return "search" if self.search else "run"
 
+    @cached_property
+    def storage(self) -> StoragePath:
+        """The run's directory (`STORAGE/NAME`), resolved."""
+        return resolve(self.storage_path, self.storage_field).join(self.name)
+
     @property
     def path(self) -> str:
-        """The run's directory as Ray Train and Tune address it (local path or URI)."""
-        return f"{self.storage_path.rstrip('/')}/{self.name}"
+        """The run's directory as the user wrote it (local path or URI)."""
+        return self.storage.uri
 
     def _fs(self) -> tuple[pyarrow.fs.FileSystem, str]:
-        fs, root = filesystem(self.storage_path, self.storage_field)
-        return fs, f"{root.rstrip('/')}/{self.name}"
+        return self.storage.fs, self.storage.path
 
     def _recorded(self) -> tuple[dict[str, Any], pyarrow.fs.FileInfo] | None:
         """The state file's contents and listing entry, when this run recorded one; a file
@@ -121,7 +126,9 @@ class NamedRun:
             return True
         from ray import tune  # Tune's own test of a restorable experiment
 
-        return tune.Tuner.can_restore(self.path)
+        where = self.storage.ray_storage()
+        return tune.Tuner.can_restore(where["storage_path"],
+                                      storage_filesystem=where["storage_filesystem"])
 
     def require_new(self) -> None:
         """Refuse to start over a run of the same name: Ray would continue its state."""
@@ -166,7 +173,8 @@ def resume_target(spec: JobSpec, search: bool, spec_path: str | Path | None) -> 
     spec_stem = run_name_stem(spec_path)
     if named.started():
         return named
-    fs, root = filesystem(named.storage_path, named.storage_field)
+    root_dir = resolve(named.storage_path, named.storage_field)
+    fs, root = root_dir.fs, root_dir.path
     listing = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     candidates = [NamedRun(i.base_name, named.storage_path, search) for i in listing
                   if i.type == pyarrow.fs.FileType.Directory
@@ -177,3 +185,14 @@ def resume_target(spec: JobSpec, search: bool, spec_path: str | Path | None) -> 
                           f"{named.name!r} or {spec_stem}-* to resume; start one with "
                           f"`lmforge {'tune' if search else 'train'}` first")
     return max(started, key=lambda c: (c.recorded_at(), c.name))
+
+
+def require_shared_storage(spec: JobSpec, search: bool) -> None:
+    """Before any worker starts: on a Ray cluster of several hosts, refuse every path field
+    the run writes or its workers read (`data.cache_dir`, `train.storage_path`, and for a
+    search `tune.storage_path`) that is a local-only directory, naming each field."""
+    fields = {"data.cache_dir": spec.data.cache_dir,
+              "train.storage_path": spec.train.storage_path}
+    if search:
+        fields["tune.storage_path"] = spec.tune.storage_path
+    require_shared(*(resolve(path, name) for name, path in fields.items()))

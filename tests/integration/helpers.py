@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -114,14 +114,15 @@ def user_env(home: Path) -> dict[str, str]:
 
 
 def lmforge(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
-            timeout_s: float = 900, stall_s: float | None = None
-            ) -> subprocess.CompletedProcess:
+            timeout_s: float = 900, stall_s: float | None = None,
+            prefix: Sequence[str] = ()) -> subprocess.CompletedProcess:
     """Run `python -m lmforge ARGS` (this interpreter, so this checkout's lmforge) and
-    capture its output. `env` defaults to `own_cluster_env()`.
+    capture its output. `env` defaults to `own_cluster_env()`; `prefix` runs it through
+    another command (the multi-host tests' `nsenter` into a host).
 
     Fails after `timeout_s` in all (keep it generous), or, with `stall_s`, once the
     command has printed nothing for `stall_s` (training and `--wait` print as they go)."""
-    cmd = [sys.executable, "-m", "lmforge", *args]
+    cmd = [*prefix, sys.executable, "-m", "lmforge", *args]
     proc = subprocess.Popen(cmd, cwd=cwd, env=env if env is not None else own_cluster_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out: list[str] = []

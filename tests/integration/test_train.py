@@ -1,6 +1,7 @@
 """Training on real Ray: DDP and FSDP lower the loss; a killed worker is replaced and the
 run resumes exactly; a run whose driver is killed resumes exactly (same loss at every later
-step) and ignores a half-written checkpoint; two nodes give the one-node loss curve."""
+step) and ignores a half-written checkpoint; two nodes give the one-node loss curve; a run
+the cluster cannot hold fails at once naming the fields."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from lmforge.pipeline import Stages, Summary, execute
 from lmforge.tracking import RunTracker
 
 from .helpers import (
+    ROOT,
     SPEC,
     TRAIN_POLL_ENV,
     TRAIN_POLL_S,
@@ -219,3 +222,29 @@ def test_two_nodes_give_the_one_node_loss_curve(ddp_run, tmp_path: Path):
     assert two_nodes.keys() == one_node.keys()
     for step, value in two_nodes.items():
         assert value == pytest.approx(one_node[step], abs=1e-5), step
+
+
+def test_a_run_the_cluster_cannot_hold_fails_at_once_naming_the_fields(tmp_path: Path):
+    """`lmforge train jobs/bench/shakespeare_char.yaml train.workers=2` on a 2-core machine
+    (the spec asks 2 CPUs a worker) waited for its workers forever. Here each worker asks
+    for every core of the machine, whatever it has."""
+    cpus = os.cpu_count()
+    corpus = tmp_path / "corpus.txt"  # the spec's corpus lives outside the checkout
+    corpus.write_text("To be, or not to be, that is the question.\n" * 50)
+    start = time.monotonic()
+    out = lmforge("train", str(ROOT / "jobs" / "bench" / "shakespeare_char.yaml"),
+                  "train.workers=2", f"train.cpus_per_worker={cpus}", f"data.path={corpus}",
+                  f"train.storage_path={tmp_path / 'ray'}",
+                  f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                  f"data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path, timeout_s=120)
+    elapsed = time.monotonic() - start
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    message = " ".join(out.stderr.split())  # rich wraps long lines
+    for text in (f"training needs {2 * cpus} CPUs", "train.workers 2",
+                 f"train.cpus_per_worker {cpus}", "no GPU (train.use_gpu false)",
+                 f"the cluster has {cpus} CPUs and 0 GPUs", "no autoscaler can add nodes"):
+        assert text in message, text
+    assert "Traceback" not in out.stderr
+    # Before the data stage and MLflow: nothing was prepared or opened.
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "mlflow.db").exists()
+    assert elapsed < 60  # a Ray start and a node list, however loaded the machine

@@ -13,8 +13,9 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from lmforge.capacity import ResourceError
 from lmforge.pipeline import Stages, execute
-from lmforge.tune import ResourceError, run_search
+from lmforge.tune import run_search
 
 
 def test_concurrent_search_on_mlflow_server(ray_cluster, tiny_spec, tmp_path: Path,

@@ -90,6 +90,7 @@ def test_rayjob_entrypoint_is_a_valid_lmforge_spec():
     assert args[-1] == "--resume-if-started"  # applied again after a failure, it resumes
     spec = load(ROOT / args[4], args[5:-1])
     assert spec.train.storage_path.startswith("s3://")  # shared by every node
+    assert spec.data.cache_dir.startswith("s3://")  # every worker reads the data
     assert spec.tracking.run_name  # a fixed name, so a resubmission resumes it
 
 
@@ -194,3 +195,76 @@ def test_jobs_find_the_server_through_mlflow_tracking_uri(monkeypatch):
     assert jobs.job_env(uri, {})["MLFLOW_TRACKING_URI"] == "http://mlflow.lmforge.svc:5000"
     for f in ("kubernetes.yaml", "docker-compose.yaml", "README.md"):
         assert "MLFLOW_TRACKING_URI" in (MLFLOW / f).read_text(), f  # the name lmforge reads
+
+
+# --- the cluster image (cluster/Dockerfile) ---------------------------------------------
+# No container builder runs on the machines this suite runs on (no Docker daemon, no
+# registry access), so the image is checked for what can be checked without building it.
+
+IMAGE = "ghcr.io/YOUR_ORG/lmforge"
+
+
+def _project() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _dockerfile_args() -> dict[str, str]:
+    text = (CLUSTER / "Dockerfile").read_text()
+    before_from = text.split("\nFROM ", 1)[0]
+    return dict(line.removeprefix("ARG ").split("=", 1) for line in before_from.splitlines()
+                if line.startswith("ARG ") and "=" in line)
+
+
+def test_image_is_rays_image_of_the_pinned_ray_and_python():
+    import sys
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    args = _dockerfile_args()
+    pinned = next(Requirement(r) for r in _project()["dependencies"] if r.startswith("ray["))
+    assert args["RAY_VERSION"] == ray.__version__ and args["RAY_VERSION"] in pinned.specifier
+    assert args["PYTHON"] == f"py{sys.version_info.major}{sys.version_info.minor}"
+    python = f"{args['PYTHON'][2]}.{args['PYTHON'][3:]}"
+    assert python in SpecifierSet(_project()["requires-python"])
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert "\nFROM rayproject/ray:${RAY_VERSION}-${PYTHON}${VARIANT}\n" in text
+    assert args["VARIANT"] == ""  # the CPU image unless --build-arg VARIANT=-gpu
+    # lmforge under the same constraints as `make install`, and Ray pinned to the image's.
+    install = text.split("pip install", 1)[1].split("&& \\\n    python -c", 1)[0]
+    assert "-c constraints.txt" in install and '"ray[train,tune,serve]==${RAY_VERSION}" .' \
+        in install
+
+
+def test_image_build_context_holds_what_the_dockerfile_copies():
+    allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    text = (CLUSTER / "Dockerfile").read_text()
+    copied = [src for line in text.splitlines() if line.startswith("COPY ")
+              for src in line.split()[1:-1] if not src.startswith("--")]
+    assert copied and set(copied) <= allowed, (copied, allowed)
+    assert all((ROOT / src).exists() for src in copied)
+    assert "*" in (ROOT / ".dockerignore").read_text().splitlines()  # nothing else ships
+
+
+def test_manifests_and_docs_name_the_image_that_is_built():
+    """Every KubeRay container runs IMAGE:VERSION (the CPU build) or IMAGE:VERSION-gpu (when
+    it asks for GPUs), and the build commands in the Dockerfile, cluster/README.md and
+    docs/clusters.md tag exactly those."""
+    import re
+
+    version = _project()["version"]
+    for path in KUBERAY:
+        (doc,) = _docs(path)
+        for pod in _pod_specs(_cluster_spec(doc)):
+            for c in pod["containers"]:
+                gpu = "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+                assert c["image"] == f"{IMAGE}:{version}{'-gpu' if gpu else ''}", path.name
+    for doc in (CLUSTER / "Dockerfile", CLUSTER / "README.md", ROOT / "docs" / "clusters.md"):
+        builds = re.findall(r"docker build -f cluster/Dockerfile (.*?)-t (\S+) \.",
+                            doc.read_text())
+        assert {(a.strip(), t) for a, t in builds} == {
+            ("", f"{IMAGE}:{version}"), ("--build-arg VARIANT=-gpu", f"{IMAGE}:{version}-gpu")
+        }, doc

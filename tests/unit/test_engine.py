@@ -57,10 +57,15 @@ def test_a_cancelled_stream_leaves_and_the_others_finish(loaded):
             break
         tokens = await collect(kept)
         engine.close()
-        return engine.running, tokens
+        return engine, tokens
 
-    running, tokens = asyncio.run(main())
-    assert running == 0 and len(tokens) == 30
+    engine, tokens = asyncio.run(main())
+    assert engine.running == 0 and len(tokens) == 30
+    stats = engine.stats_dict()
+    # The gone row left at the first step after its cancel(): it did not decode on.
+    assert stats["dropped"] == 1 and stats["max_drop_lag_steps"] == 1
+    assert stats["admitted"] == 2 and stats["finished"] == 1 and stats["failed"] == 0
+    assert stats["tokens"] > 30 and stats["running"] == stats["waiting"] == 0
 
 
 class Broken(torch.nn.Module):
@@ -271,6 +276,8 @@ def test_a_request_cancelled_while_queued_never_starts_decoding(loaded):
     assert len(tokens) == 25
     assert queued.first_token_at is None and handed.first_token_at is None
     assert seen.widths == {len("the"), 1}  # only the busy prompt was prefilled
+    stats = queued.engine.stats_dict()
+    assert stats["skipped"] == 2 and stats["admitted"] == 1 and stats["dropped"] == 0
 
 
 class CountPrompts(torch.nn.Module):

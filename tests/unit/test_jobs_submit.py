@@ -107,6 +107,18 @@ def test_submit_packages_the_project_and_tags_the_run(fake):
     assert kw["metadata"]["lmforge.run_name"] == "my-run"
 
 
+def test_runtime_env_json_adds_to_the_jobs_runtime_env_without_replacing_it(fake):
+    """What `--runtime-env-json` gives (pip, env_vars) joins the project's runtime_env; the
+    forwarded variables win over the user's env_vars of the same name."""
+    f = fake()
+    jobs.submit("http://h:8265", SPEC, [], "r", ROOT, {"MLFLOW_TRACKING_URI": "sqlite:///x.db"},
+                runtime_env_extra={"pip": ["typer>=0.16"], "working_dir": "/elsewhere",
+                                   "env_vars": {"A": "1", "MLFLOW_TRACKING_URI": "no"}})
+    env = f.submitted[0]["runtime_env"]
+    assert env["pip"] == ["typer>=0.16"] and env["working_dir"] == str(ROOT)
+    assert env["env_vars"] == {"A": "1", "MLFLOW_TRACKING_URI": "sqlite:///x.db"}
+
+
 def test_duplicate_submission_id_is_refused_not_overwritten(fake):
     f = fake(SimpleNamespace(submission_id="mine", status="SUCCEEDED", metadata={}))
     with pytest.raises(jobs.SubmitError, match="'mine' already exists .*not overwritten"):
@@ -179,8 +191,10 @@ def test_submit_says_on_stderr_when_it_resumes_by_itself(fake, monkeypatch):
 
     monkeypatch.chdir(ROOT)  # the project submit ships
     f = fake(job(1, "STOPPED"))
+    # The fake Jobs API runs no job: the preflight is tested on a real cluster instead.
     result = CliRunner().invoke(app, ["submit", str(SPEC.relative_to(ROOT)),
-                                      "tracking.run_name=r", "--address", "http://h:8265"])
+                                      "tracking.run_name=r", "--address", "http://h:8265",
+                                      "--no-preflight"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == f.submitted[0]["submission_id"]
     assert "Resuming run r: its last job lmforge-r-1 STOPPED" in " ".join(result.stderr.split())
@@ -214,8 +228,42 @@ def _submit_cli(*args: str):  # noqa: ANN202
 
     from lmforge.cli import app
 
+    # The fake Jobs API runs no job: the preflight is tested on its own (below, and on a
+    # real cluster in tests/integration/test_submit_preflight.py).
     return CliRunner().invoke(app, ["submit", str(SPEC.relative_to(ROOT)),
-                                    "tracking.run_name=r", *args, "--address", "http://h:8265"])
+                                    "tracking.run_name=r", *args, "--address", "http://h:8265",
+                                    *([] if "--preflight" in args else ["--no-preflight"])])
+
+
+def test_a_failed_preflight_submits_nothing_and_says_why(fake, monkeypatch):
+    from lmforge import preflight
+
+    monkeypatch.chdir(ROOT)
+    seen = []
+
+    def refuse(jobs_client, runtime_env):  # noqa: ANN001, ANN202
+        seen.append(runtime_env)
+        raise preflight.PreflightError("the job's `python` (/usr/bin/python3): missing typer")
+
+    monkeypatch.setattr(preflight, "check", refuse)
+    f = fake()
+    result = _submit_cli("--preflight", "--runtime-env-json", '{"pip": ["typer"]}')
+    assert result.exit_code == 1 and f.submitted == []
+    assert "not submitted the job's `python` (/usr/bin/python3): missing typer" in \
+        " ".join(result.stderr.split())
+    # The preflight job gets the run's runtime_env, less the project upload.
+    assert seen[0]["pip"] == ["typer"] and "working_dir" not in seen[0]
+    assert seen[0]["env_vars"]["MLFLOW_TRACKING_URI"]
+
+
+def test_secret_env_vars_in_runtime_env_json_are_refused(fake, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    f = fake()
+    result = _submit_cli("--runtime-env-json", '{"env_vars": {"HF_TOKEN": "x"}}')
+    assert result.exit_code == 2 and f.submitted == []
+    assert "env_vars HF_TOKEN are secrets" in " ".join(result.stderr.split())
+    result = _submit_cli("--runtime-env-json", "[1]")
+    assert result.exit_code == 2 and "expected a JSON object" in result.stderr
 
 
 def test_submit_keeps_secrets_out_of_the_job_and_says_so(fake, monkeypatch):

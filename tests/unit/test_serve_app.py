@@ -77,26 +77,35 @@ def test_another_alias_or_version_of_the_same_model_is_not_served():
 
 
 def asgi_app(api_keys: tuple[str, ...] = (), body_timeout_s: float = 5.0,
-             request_timeout_s: float | None = None, max_body_bytes: int = 1000):
-    """A FastAPI app with the serving app's own middleware stack and settings, and routes
-    that record what reached them."""
+             request_timeout_s: float | None = None, max_body_bytes: int = 1000,
+             **serve: object):
+    """A FastAPI app with the serving app's own middleware stack and settings (`configure`
+    with a ServeConfig of these and `serve`), and routes that record what reached them."""
     from fastapi import FastAPI, Request
     from fastapi.responses import StreamingResponse
 
-    from lmforge.serve.app import api
+    from lmforge.config import ServeConfig
+    from lmforge.serve.app import api, configure
 
     app = FastAPI()
     app.user_middleware = list(api.user_middleware)
-    app.state.api_keys = [k.encode() for k in api_keys]
-    app.state.max_body_bytes, app.state.body_timeout_s = max_body_bytes, body_timeout_s
-    app.state.request_timeout_s = request_timeout_s
+    configure(app.state, ServeConfig(body_timeout_s=body_timeout_s, max_body_bytes=max_body_bytes,
+                                     request_timeout_s=request_timeout_s, **serve))
+    app.state.api_keys = [k.encode() for k in api_keys]  # unvalidated: see the empty-key test
     app.state.reached, app.state.streams_ended = [], []
+    app.state.hold = None  # an asyncio.Event that /v1/hold waits for
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> dict:
         body = await request.body()
         app.state.reached.append(body)
         return {"bytes": len(body)}
+
+    @app.post("/v1/hold")
+    async def hold() -> dict:  # a request decoding until the test releases it
+        app.state.hold = app.state.hold or asyncio.Event()
+        await app.state.hold.wait()
+        return {"held": True}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -205,6 +214,72 @@ async def raw_get(app, path: str) -> list[dict]:  # noqa: ANN001
                "headers": [], "client": ("127.0.0.1", 1), "server": ("lmforge", 80)},
               receive, send)
     return sent
+
+
+def test_slow_senders_do_not_take_the_slots_of_requests_whose_body_is_in():
+    """max_ongoing_requests=1: three clients trickling their bodies hold no slot, a whole
+    request runs at once beside them, and a fifth sender past max_receiving_requests=4 is
+    refused at once with the backpressure status."""
+    app = asgi_app(body_timeout_s=30, max_ongoing_requests=1, max_receiving_requests=4,
+                   backpressure_status=429, retry_after_s=2)
+
+    async def main() -> tuple[float, httpx.Response, dict]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://lmforge") as c:
+            slow = [asyncio.create_task(c.post("/v1/completions", content=trickle(b'{"p'))
+                                        ) for _ in range(3)]
+            while app.state.receiving < 3:
+                await asyncio.sleep(0.01)
+            start = time.perf_counter()
+            normal = await c.post("/v1/completions", content=b"x" * 10)
+            took = time.perf_counter() - start
+            assert normal.json() == {"bytes": 10}
+            slow.append(asyncio.create_task(c.post("/v1/completions", content=trickle(b"{"))))
+            while app.state.receiving < 4:
+                await asyncio.sleep(0.01)
+            refused = await c.post("/v1/completions", content=b"x")
+            counts = {"receiving": app.state.receiving, "reached": len(app.state.reached)}
+            for t in slow:
+                t.cancel()
+            return took, refused, counts
+
+    took, refused, counts = asyncio.run(main())
+    assert took < 2 and counts == {"receiving": 4, "reached": 1}
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "2"
+    assert "4 requests are sending their bodies" in refused.json()["error"]["message"]
+
+
+def test_at_most_max_queued_requests_wait_for_a_slot_the_rest_are_refused_at_once():
+    app = asgi_app(max_ongoing_requests=1, max_queued_requests=1)
+
+    async def main() -> tuple[httpx.Response, httpx.Response, dict, float]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://lmforge") as c:
+            running = asyncio.create_task(c.post("/v1/hold"))
+            while app.state.hold is None:  # it holds the one slot
+                await asyncio.sleep(0.01)
+            queued = asyncio.create_task(c.post("/v1/completions", content=b"abc"))
+            while app.state.waiting < 1:
+                await asyncio.sleep(0.01)
+            start = time.perf_counter()
+            refused = await c.post("/v1/completions", content=b"abc")
+            took = time.perf_counter() - start
+            health = await c.get("/healthz")  # a GET never waits for a slot
+            app.state.hold.set()
+            return refused, health, {"running": (await running).json(),
+                                     "queued": (await queued).json()}, took
+
+    refused, health, done, took = asyncio.run(main())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1" and took < 1
+    assert "1 requests wait for one" in refused.json()["error"]["message"]
+    assert health.status_code == 200
+    assert done == {"running": {"held": True}, "queued": {"bytes": 3}}
+
+
+def test_serve_routes_to_a_replica_its_slots_plus_the_requests_still_sending():
+    config = deployment_config("serve.max_ongoing_requests=8",
+                               "serve.max_receiving_requests=100")
+    assert config.max_ongoing_requests == 108
 
 
 @pytest.mark.parametrize(("root_path", "path", "open_"), [

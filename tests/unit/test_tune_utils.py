@@ -9,21 +9,17 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-import lmforge.tune.search as lmtune
 from lmforge.config import JobSpec
 from lmforge.runs import NamedRun, ResumeError, RunState
 from lmforge.tune.report import TrialOutcome, _study, pareto_front
 from lmforge.tune.search import (
-    ResourceError,
     TokenBudget,
-    check_fits,
     check_settings_unchanged,
     make_scheduler,
     make_searcher,
     objectives,
     search_settings,
     startup_trials,
-    trial_resources,
 )
 from lmforge.tune.space import distributions
 
@@ -92,52 +88,6 @@ def test_a_sampled_trial_config_is_a_valid_spec(domains):
         assert trial.train.lr == pytest.approx(float(config["train.lr"]))
         assert trial.model.n_layer == int(config["model.n_layer"])
         assert trial.model.n_embd == config["model.n_embd"]
-
-
-# --- trial sizing --------------------------------------------------------------------
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fail loudly if sizing a CPU trial asks the (unstarted) cluster anything."""
-
-    def refuse():
-        raise AssertionError("check_fits queried Ray for a CPU-only spec")
-
-    monkeypatch.setattr(lmtune.ray, "cluster_resources", refuse)
-
-
-def cpu_spec(workers: int, cpus_per_worker: float, driver_cpus: float = 0.1) -> JobSpec:
-    return spec_with(train={"workers": workers, "cpus_per_worker": cpus_per_worker,
-                            "use_gpu": False},
-                     tune={"driver_cpus": driver_cpus})
-
-
-def test_trial_resources_is_driver_plus_workers():
-    assert trial_resources(cpu_spec(3, 1.5, 0.5)) == pytest.approx(5.0)
-
-
-def test_check_fits_refuses_a_trial_larger_than_the_cluster(no_ray):
-    with pytest.raises(ResourceError) as info:
-        check_fits(cpu_spec(workers=4, cpus_per_worker=1.0), cluster_cpus=2)
-    message = str(info.value)
-    for text in ("4.1 CPUs", "tune.driver_cpus 0.1", "train.workers 4",
-                 "train.cpus_per_worker 1", "cluster has 2"):
-        assert text in message
-
-
-@pytest.mark.parametrize(("workers", "cpus", "cluster"), [(2, 0.95, 2), (1, 1.0, 8), (4, 2, 8.1)])
-def test_check_fits_passes_when_a_trial_fits(no_ray, workers, cpus, cluster):
-    # (2, 0.95, 2) is the quickstart's sizing: 0.1 + 2 * 0.95 fills a 2-CPU machine exactly.
-    check_fits(cpu_spec(workers, cpus), cluster_cpus=cluster)
-
-
-def test_check_fits_counts_gpus_when_training_on_gpu(monkeypatch):
-    monkeypatch.setattr(lmtune.ray, "cluster_resources", lambda: {"CPU": 16, "GPU": 1})
-    spec = spec_with(train={"workers": 2, "use_gpu": True})
-    with pytest.raises(ResourceError, match="2 GPUs"):
-        check_fits(spec, cluster_cpus=16)
-    check_fits(spec.with_values({"train.workers": 1}), cluster_cpus=16)
 
 
 # --- searcher, scheduler, budget, Pareto set -----------------------------------------
@@ -259,3 +209,4 @@ def test_resume_refuses_search_settings_that_tune_restore_would_ignore(tmp_path)
     (tmp_path / "s" / "lmforge_run.json").unlink()
     (tmp_path / "s" / "lmforge_search.json").write_text(json.dumps({"parent_run_id": "r"}))
     check_settings_unchanged(spec(max_tokens=5000), named.state(), "s")
+

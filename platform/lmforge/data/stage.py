@@ -534,6 +534,8 @@ def ray_blocks(source: Source, data: DataConfig, job: PackJob) -> list[dict[str,
     from lmforge.cluster import init_ray
 
     init_ray()
+    # Ray Data's workers write the shards: on several hosts, not to a local directory.
+    storage.require_shared(storage.resolve(data.cache_dir, "data.cache_dir"))
     # The number of blocks follows the listing, not the cluster: the same corpus cuts into
     # the same blocks (so the same block keys) on a laptop and on a cluster, and a rerun
     # reuses what finished.

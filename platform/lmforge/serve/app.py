@@ -7,10 +7,18 @@ FastAPI reads the handler annotations at runtime to find the request body.
 
 Ray Serve does the serving work: `@serve.batch` gathers requests that arrive together and
 hands them to the replica's decode loop (`serve/engine.py`, continuous batching), which
-admits them into the running batch at the next token; `max_ongoing_requests` and
-`max_queued_requests` with a `BackpressureConfig` refuse overload at once (503, or 429
-with Retry-After), the proxy's `request_timeout_s` answers 408, and the autoscaler adds
-and removes replicas.
+admits them into the running batch at the next token; `max_queued_requests` with a
+`BackpressureConfig` refuse overload at once (503, or 429 with Retry-After), the proxy's
+`request_timeout_s` answers 408, and the autoscaler adds and removes replicas.
+
+One thing Serve cannot do: a request takes a replica slot the moment it is routed, before
+its body arrives (the replica pulls the body from the proxy), so slow senders would hold
+every slot. Admission is therefore the replica's own (`configure`): Serve may route
+`max_ongoing_requests + max_receiving_requests` requests to a replica, `_ReadBody` holds
+at most `max_receiving_requests` of them while their bodies arrive, and `_Admit` lets a
+request whose body is in take one of `max_ongoing_requests` slots, with at most
+`max_queued_requests` waiting for one; beyond either bound the answer is the
+backpressure status at once.
 """
 
 import asyncio
@@ -63,6 +71,27 @@ api.state.api_keys = []
 api.state.max_body_bytes = 1_000_000
 api.state.body_timeout_s = 30.0
 api.state.request_timeout_s = None
+api.state.max_receiving_requests = 128
+api.state.receiving = 0
+api.state.slots = None  # asyncio.Semaphore(max_ongoing_requests) once configured
+api.state.max_waiting = None
+api.state.waiting = 0
+api.state.busy_status, api.state.retry_after_s = 503, None
+
+
+def configure(state: State, cfg: ServeConfig) -> None:
+    """Set what the middlewares read from the app's state: keys, body and time limits,
+    and the replica's admission bounds (see the module doc)."""
+    state.api_keys = [k.encode() for k in cfg.api_keys if k]
+    state.max_body_bytes = cfg.max_body_bytes
+    state.body_timeout_s = cfg.body_timeout_s
+    state.request_timeout_s = cfg.request_timeout_s
+    state.max_receiving_requests, state.receiving = cfg.max_receiving_requests, 0
+    # Created outside the replica's event loop, bound to it at first use (Python >= 3.10).
+    state.slots = asyncio.Semaphore(cfg.max_ongoing_requests)
+    state.max_waiting = None if cfg.max_queued_requests < 0 else cfg.max_queued_requests
+    state.waiting = 0
+    state.busy_status, state.retry_after_s = cfg.backpressure_status, cfg.retry_after_s
 
 # The simple chat template for base models (a tokenizer's own template wins when it has
 # one), and the stop that keeps the model from writing the user's next turn.
@@ -126,6 +155,37 @@ class _Deadline:
             await _error(408, f"request not answered within {limit:g} s")(scope, receive, send)
 
 
+class _Admit:
+    """A generation request (POST) runs only while it holds one of the replica's
+    `max_ongoing_requests` slots; its body is already in (`_ReadBody` runs first). At most
+    `max_queued_requests` wait for a slot, the others are refused at once. Added before
+    `_Deadline`, so it runs inside it: waiting for a slot counts toward the request's
+    timeout."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        state = _state(scope)
+        slots: asyncio.Semaphore | None = state.slots if scope["type"] == "http" else None
+        if slots is None or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        if slots.locked() and state.max_waiting is not None \
+                and state.waiting >= state.max_waiting:
+            return await _busy(state, f"every slot is taken and {state.waiting} requests "
+                                      "wait for one")(scope, receive, send)
+        state.waiting += 1
+        try:
+            await slots.acquire()
+        finally:
+            state.waiting -= 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            slots.release()
+
+
+api.add_middleware(_Admit)
 api.add_middleware(_Deadline)
 
 
@@ -147,7 +207,11 @@ class _ReadBody:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _too_large(limit)(scope, receive, send)
+        if state.receiving >= state.max_receiving_requests:
+            return await _busy(state, f"{state.receiving} requests are sending their "
+                                      "bodies to this replica")(scope, receive, send)
         messages, size = [], 0
+        state.receiving += 1
         try:
             async with asyncio.timeout(state.body_timeout_s):
                 while size <= limit:
@@ -159,6 +223,10 @@ class _ReadBody:
         except TimeoutError:
             return await _error(408, f"request body not received within "
                                      f"{state.body_timeout_s:g} s")(scope, receive, send)
+        finally:
+            state.receiving -= 1
+        if messages[-1]["type"] == "http.disconnect":
+            return None  # the client left before its body was in: nothing to answer
         if size > limit:
             return await _too_large(limit)(scope, receive, send)
 
@@ -174,6 +242,14 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def _too_large(limit: int) -> JSONResponse:
     return _error(413, f"request body is larger than {limit} bytes")
+
+
+def _busy(state: State, why: str) -> JSONResponse:
+    """The replica's refusal, as Serve's own backpressure answers: its status, Retry-After."""
+    response = _error(state.busy_status, f"replica is full: {why}; retry later")
+    if state.retry_after_s is not None:
+        response.headers["Retry-After"] = f"{state.retry_after_s:g}"
+    return response
 
 
 api.add_middleware(_ReadBody)
@@ -265,11 +341,8 @@ class TextGenerator:
         self._loader, self._resolve = loader, resolve or (lambda uri: uri)
         self._model_uri = model_uri
         self.max_tokens_limit = cfg.max_tokens_limit
-        # `api` here is the app Serve runs; the middlewares read these through the scope.
-        api.state.api_keys = [k.encode() for k in cfg.api_keys if k]
-        api.state.max_body_bytes = cfg.max_body_bytes
-        api.state.body_timeout_s = cfg.body_timeout_s
-        api.state.request_timeout_s = cfg.request_timeout_s
+        # `api` here is the app Serve runs; the middlewares read its state through the scope.
+        configure(api.state, cfg)
         self._admit.set_max_batch_size(cfg.max_batch_size)
         self._admit.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._engine = Engine(max_rows=cfg.max_batch_size)
@@ -315,6 +388,14 @@ class TextGenerator:
         replica unhealthy, and after 3 failures Serve replaces it."""
         if (why := self._engine.health(self._stall_s)) is not None:
             raise RuntimeError(f"replica unhealthy: {why}")
+
+    def engine_stats(self) -> dict[str, int]:
+        """The decode loop's counters (`EngineStats`) and this replica's admission now:
+        requests sending their bodies, waiting for a slot. Called through a handle
+        (`serve.get_app_handle(app).engine_stats.remote()`), not over HTTP."""
+        state = api.state
+        return self._engine.stats_dict() | {"receiving": state.receiving,
+                                            "waiting_for_slot": state.waiting}
 
     def __del__(self) -> None:
         self._stop.set()
@@ -526,7 +607,9 @@ def build_app(loader: Callable[[str], LoadedModel], cfg: ServeConfig, model_uri:
     options: dict = {
         "ray_actor_options": {"num_cpus": cfg.cpus_per_replica,
                               "num_gpus": cfg.gpus_per_replica},
-        "max_ongoing_requests": cfg.max_ongoing_requests,
+        # Serve's count includes requests whose bodies are still arriving: the replica
+        # admits among them itself (`configure`).
+        "max_ongoing_requests": cfg.max_ongoing_requests + cfg.max_receiving_requests,
         "max_queued_requests": cfg.max_queued_requests,
         "health_check_period_s": cfg.health_check_period_s,
         "health_check_timeout_s": cfg.health_check_timeout_s,

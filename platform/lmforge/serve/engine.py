@@ -20,6 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
 
 from lmforge.registry import LoadedModel
 from lmforge.serve.generate import Decoder, Delta, GenerationParams
@@ -34,12 +35,16 @@ class Stream:
     def __init__(self, loaded: LoadedModel, params: GenerationParams, live: bool = True) -> None:
         self.loaded, self.params, self.live = loaded, params, live
         self.cancelled = False
+        self.cancelled_at_step: int | None = None  # the engine's step count at cancel()
+        self.engine: Engine | None = None  # set by Engine.submit
         self.first_token_at: float | None = None  # perf_counter() of its first token
         self._held: Delta | None = None  # decode thread only: what is not delivered yet
         self._queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
 
     def cancel(self) -> None:
         """Nobody waits for the rest: the engine drops the row before its next step."""
+        if not self.cancelled and self.engine is not None:
+            self.cancelled_at_step = self.engine.stats.steps
         self.cancelled = True
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
@@ -80,11 +85,36 @@ async def run(stream: Stream, admit: Callable[[Stream], Awaitable[object]]
         stream.cancel()
 
 
+@dataclass
+class EngineStats:
+    """What a replica's decode loop has done since it started (counters, written by the
+    decode thread only), so that a test or an operator can see rows come and go."""
+
+    steps: int = 0
+    """Decode steps run (every model version's batch counts once per round)."""
+    admitted: int = 0
+    """Rows that joined a batch."""
+    finished: int = 0
+    """Rows that ended with a finish_reason (stop, length)."""
+    failed: int = 0
+    """Rows that ended with an error."""
+    dropped: int = 0
+    """Rows taken out of a batch because nobody waited for them any more (a client gone)."""
+    skipped: int = 0
+    """Requests cancelled before they got a row: never decoded."""
+    max_drop_lag_steps: int = 0
+    """Most steps any dropped row started after its cancel() and before it left the batch:
+    1 when a row always leaves at the next step (the step running at cancel finishes)."""
+    tokens: int = 0
+    """Tokens generated, all rows."""
+
+
 class Engine:
     """Decodes every submitted Stream, at most `max_rows` rows at a time."""
 
     def __init__(self, max_rows: int) -> None:
         self.max_rows = max_rows
+        self.stats = EngineStats()
         self._waiting: deque[Stream] = deque()  # appended by the loop, popped by the thread
         # One Decoder per model version: after an alias switch the old one drains while
         # new requests start on the new one.
@@ -106,8 +136,14 @@ class Engine:
             self._thread = threading.Thread(target=self._run, name="lmforge-decode",
                                             daemon=True)
             self._thread.start()
+        for stream in streams:
+            stream.engine = self
         self._waiting.extend(streams)
         self._wake.set()
+
+    def stats_dict(self) -> dict[str, int]:
+        """(any thread) A snapshot of `stats`, plus the rows decoding and waiting now."""
+        return asdict(self.stats) | {"running": self.running, "waiting": len(self._waiting)}
 
     def close(self) -> None:
         self._closed = True
@@ -153,6 +189,7 @@ class Engine:
         while self._waiting and free > 0:
             stream = self._waiting.popleft()
             if stream.cancelled:
+                self.stats.skipped += 1
                 continue
             key = id(stream.loaded)
             if key not in self._decoders:
@@ -162,21 +199,35 @@ class Engine:
         return admit
 
     def _step(self, decoder: Decoder, admit: list[Stream]) -> None:
+        stats = self.stats
         drop = [s for s in decoder.keys if s.cancelled]
+        stats.steps += 1
+        stats.admitted += len(admit)
+        stats.dropped += len(drop)
+        for s in drop:  # this step is the first without the row: lag counts it
+            if s.cancelled_at_step is not None:
+                lag = stats.steps - s.cancelled_at_step
+                stats.max_drop_lag_steps = max(stats.max_drop_lag_steps, lag)
         try:
             deltas = decoder.step([(s, s.params) for s in admit], drop)
         except Exception as e:  # the batch's forward pass failed: no row is to blame, so
             # this batch fails (and is reset); the engine goes on
             log.exception("decode step failed")
-            self._deliver([(s, e) for s in [*decoder.keys, *admit]])
+            failed = [*decoder.keys, *admit]
+            stats.failed += len(failed)
+            self._deliver([(s, e) for s in failed])
             decoder.clear()
             return
         ready: list[tuple[Stream, Delta | BaseException]] = []
         for stream, delta in deltas:
             if isinstance(delta, Exception):  # this request alone could not be decoded
                 log.error("request failed: %r", delta, exc_info=delta)
+                stats.failed += 1
                 ready.append((stream, delta))
-            elif (due := stream._add(delta)) is not None:
+                continue
+            stats.tokens += len(delta.token_ids)
+            stats.finished += bool(delta.finish_reason)
+            if (due := stream._add(delta)) is not None:
                 ready.append((stream, due))
         self._deliver(ready)
 

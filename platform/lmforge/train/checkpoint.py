@@ -12,7 +12,12 @@ never picks; `trainer_state.json` is written last and checked on load as a secon
     optimizer.pt                      DDP, rank 0: optimizer and grad-scaler state
     rng_rank{N}.pt                    every rank: its torch (and CUDA) RNG state
     trainer_state.json                rank 0: step, metrics, attempt, early-stopping state
+    SET_ASIDE.json                    written later, only to a checkpoint that failed to load:
+                                      why; it stays where it is (not deleted) and is skipped
 
+A latest checkpoint that fails to load (truncated or missing files, weights that do not
+match the model) is set aside and the next newest kept one is used (`resume_from`); every
+rank uses the same one.
 `.pt` files hold tensors and plain containers only and load with `weights_only=True`;
 FSDP shards load through `_safe_dcp_load`, which does the same for what torch's own
 reader would unpickle freely.
@@ -26,9 +31,13 @@ import os
 import pickle
 import shutil
 import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import pyarrow.fs as pafs
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
@@ -43,10 +52,15 @@ from lmforge.train.parallel import Parallel
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 DCP_DIR = "dcp"
+SET_ASIDE_FILE = "SET_ASIDE.json"
 
 
 class IncompleteCheckpoint(RuntimeError):
     """A checkpoint directory without its final marker: written by a crashed process."""
+
+
+class CorruptCheckpoint(RuntimeError):
+    """No kept checkpoint of a run could be loaded."""
 
 
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, par: Parallel,
@@ -89,9 +103,8 @@ def load_checkpoint(directory: str | Path, model: torch.nn.Module, par: Parallel
                        optim_state_dict=sd["optim"])
     else:
         raw = par.unwrap(model)
-        raw.load_state_dict(load_file(d / "model.safetensors", device=str(par.device)),
-                            strict=False)
-        raw.tie_weights()  # safetensors stores a tied weight once
+        raw.load_state_dict(_with_tied(raw, load_file(d / "model.safetensors",
+                                                      device=str(par.device))), strict=True)
         optimizer.load_state_dict(
             torch.load(d / OPTIMIZER_FILE, weights_only=True, map_location=par.device)
             ["optimizer"])
@@ -101,6 +114,123 @@ def load_checkpoint(directory: str | Path, model: torch.nn.Module, par: Parallel
     if rng.exists():  # absent when resuming with more workers than the checkpoint had
         _set_rng_state(torch.load(rng, weights_only=True))
     return state
+
+
+def _with_tied(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`sd` plus the tied weights safetensors stored once (GPT-2's lm_head is wte), so that
+    loading can be strict: any other missing or unexpected key is an error, not a silently
+    random weight."""
+    params = model.state_dict()
+    by_storage = {t.data_ptr(): k for k, t in params.items() if k in sd}
+    tied = {k: sd[by_storage[t.data_ptr()]] for k, t in params.items()
+            if k not in sd and t.data_ptr() in by_storage}
+    return sd | tied
+
+
+# --- choosing the checkpoint a restart resumes from -------------------------------------
+
+
+class StoredCheckpoint(Protocol):
+    """A checkpoint in storage, as Ray Train's `Checkpoint` gives it."""
+    path: str
+    filesystem: pafs.FileSystem
+
+
+def checkpoint_name(ckpt: StoredCheckpoint) -> str:
+    return ckpt.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def set_aside_reason(ckpt: StoredCheckpoint) -> str | None:
+    """Why this checkpoint was set aside, or None when it was not."""
+    marker = f"{ckpt.path.rstrip('/')}/{SET_ASIDE_FILE}"
+    if ckpt.filesystem.get_file_info(marker).type == pafs.FileType.NotFound:
+        return None
+    with ckpt.filesystem.open_input_stream(marker) as f:
+        text = f.read().decode(errors="replace")
+    try:
+        return str(json.loads(text)["reason"])
+    except (ValueError, KeyError, TypeError):  # a marker cut short is still a marker
+        return text or "(empty marker)"
+
+
+def set_aside(ckpt: StoredCheckpoint, reason: str) -> None:
+    """Mark a checkpoint that failed to load: its files stay (to inspect, or to repair by
+    hand: delete SET_ASIDE.json to use it again); every later load skips it. Not renamed:
+    Ray Train's checkpoint list refers to it by its name and refuses a run whose listed
+    checkpoints are gone."""
+    marker = f"{ckpt.path.rstrip('/')}/{SET_ASIDE_FILE}"
+    with ckpt.filesystem.open_output_stream(marker) as f:
+        f.write(json.dumps({"reason": reason, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                           indent=2).encode())
+
+
+@dataclass
+class Resumed:
+    """What `resume_from` chose."""
+    checkpoint: StoredCheckpoint
+    state: dict[str, Any]
+    set_aside: list[str] = field(default_factory=list)
+    """Names of the newer checkpoints skipped because they do not load (new checkpoints
+    must not reuse these names: Ray would write into the set-aside directory)."""
+
+
+def resume_from(latest: StoredCheckpoint, older: Callable[[], Sequence[StoredCheckpoint]],
+                load: Callable[[StoredCheckpoint], dict[str, Any]],
+                agree: Callable[[str | None], list[str | None]],
+                rank: int, warn: Callable[[str], None]) -> Resumed:
+    """Load the newest checkpoint that loads on every rank: `latest` (what Ray Train hands
+    a restarted worker group), else the others in `older()` (the run's kept checkpoints),
+    newest first.
+
+    `load` restores one checkpoint into this rank's model and optimizer and returns the
+    trainer state; `agree` gathers one value from every rank (a collective), here whether
+    the checkpoint was set aside and then each rank's error (None when it loaded), so all
+    ranks move on together even when only one rank's files are damaged. Checkpoints that failed
+    are set aside (by rank 0) once an older one loads in their place; when none loads, none
+    is set aside and `CorruptCheckpoint` says why each failed (a model changed since the
+    run started fails every checkpoint: that is no reason to train from scratch).
+    """
+    def candidates() -> Iterator[StoredCheckpoint]:
+        yield latest
+        yield from (c for c in older() if c.path != latest.path)  # asked only if needed
+
+    failed: list[tuple[StoredCheckpoint, str, bool]] = []  # (checkpoint, why, marked)
+    for ckpt in candidates():
+        # Whether it was set aside before, agreed first: a rank that skipped it while
+        # another loaded it would leave that one alone in FSDP's collective load.
+        earlier = next((r for r in agree(set_aside_reason(ckpt)) if r is not None), None)
+        if earlier is not None:
+            failed.append((ckpt, f"set aside earlier: {earlier}", True))
+            continue
+        error: str | None = None
+        try:
+            state = load(ckpt)
+        except Exception as e:  # any failure to read it: an older one may load
+            error = f"{type(e).__name__}: {e}"[:1000]
+        errors = agree(error)
+        if all(e is None for e in errors):
+            for skipped, reason, marked in failed:
+                if rank == 0 and not marked:
+                    set_aside(skipped, reason)
+                    warn(f"checkpoint {checkpoint_name(skipped)} does not load ({reason}); "
+                         f"set aside (marked with {SET_ASIDE_FILE}, not deleted), resuming "
+                         f"from {checkpoint_name(ckpt)}")
+            return Resumed(ckpt, state, [checkpoint_name(c) for c, _, _ in failed])
+        failed.append((ckpt, "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors)
+                                       if e is not None), False))
+    reasons = "; ".join(f"{checkpoint_name(c)}: {r}" for c, r, _ in failed)
+    raise CorruptCheckpoint(f"no kept checkpoint of this run loads ({reasons}). If the model "
+                            "or strategy changed since the run started, resume with the "
+                            "spec it started with, or start a new run")
+
+
+def checkpoint_dir_name(step: int, taken: Sequence[str]) -> str:
+    """`checkpoint_0000200`, or with a suffix when a set-aside checkpoint has that name."""
+    name = f"checkpoint_{step:07d}"
+    n = 2
+    while name in taken:
+        name, n = f"checkpoint_{step:07d}-{n}", n + 1
+    return name
 
 
 def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
@@ -124,12 +254,13 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
             model.tie_weights()
             model.save_pretrained(tmp)
             for f in src.iterdir():  # tokenizer and generation files
-                if f.is_file() and not f.name.startswith(("rng_rank", "trainer_state", "config")):
+                if f.is_file() and not f.name.startswith(("rng_rank", "trainer_state", "config",
+                                                                "SET_ASIDE")):
                     shutil.copy2(f, tmp / f.name)
         else:
             for f in src.iterdir():
                 if f.is_file() and f.name.endswith((".json", ".safetensors", ".txt", ".model")) \
-                        and f.name != STATE_FILE:
+                        and f.name not in (STATE_FILE, SET_ASIDE_FILE):
                     shutil.copy2(f, tmp / f.name)
         if out.exists():
             shutil.rmtree(out)

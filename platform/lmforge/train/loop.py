@@ -5,7 +5,8 @@ checkpoint if there is one, then per optimizer step: set the LR, run `grad_accum
 micro-steps (gradients synchronised on the last only), clip, step, log; every `eval_every`
 steps evaluate, every `checkpoint_every` steps checkpoint, and report to Ray Train. Rank 0's
 metrics go to MLflow through a `TrackingBuffer` (queued, sent in the background: an MLflow
-outage never stalls the loop).
+outage never stalls the loop); a SIGTERM to the driver stops every rank after the same step
+with a checkpoint there (`lmforge.train.preempt`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,13 +23,20 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 
 from lmforge.config import JobSpec
 from lmforge.data import BlockShard, PreparedData, ValidationSet
 from lmforge.model import build_model, count_parameters, flops_per_token
 from lmforge.tracking import RunTracker, TrackingBuffer
-from lmforge.train.checkpoint import load_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import (
+    checkpoint_dir_name,
+    load_checkpoint,
+    resume_from,
+    save_checkpoint,
+)
 from lmforge.train.parallel import Parallel
+from lmforge.train.preempt import StopCheck, watch
 from lmforge.train.step import (
     evaluate,
     lr_at,
@@ -38,6 +47,10 @@ from lmforge.train.step import (
 )
 
 STEADY_AFTER = 2  # steps not timed at the start of an attempt (allocator, compile warm-up)
+UNSCORED = 1e30
+"""The `val_loss` a preemption checkpoint is registered with (it is not evaluated): never
+the best, and the first of the kept ones to go once a later one supersedes it. Finite,
+because Ray Train's checkpoint snapshot stores inf as null and then cannot rank it."""
 
 
 @dataclass
@@ -60,10 +73,25 @@ class TrainerState:
         return patience is not None and self.evals_since_best >= patience
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """Where a worker is, for a step hook."""
+    step: int
+    """Optimizer steps done."""
+    rank: int
+    attempt: int
+    run_name: str
+    spec: JobSpec
+
+
+StepHook = Callable[[StepInfo], None]
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     spec: JobSpec = config["spec"]
     data: PreparedData = config["data"]
     tracker: RunTracker | None = config.get("tracker")
+    step_hook: StepHook | None = config.get("step_hook")
     cfg = spec.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -80,14 +108,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own (dropout) stream
 
     # After a worker died, or with `lmforge train --resume`, Ray Train hands every worker
-    # the latest registered checkpoint.
-    state, resumed_from = TrainerState(), 0
+    # the latest registered checkpoint; if it does not load, an older kept one is used.
+    state, resumed_from, set_aside = TrainerState(), 0, []
     if (ckpt := ray.train.get_checkpoint()) is not None:
-        with ckpt.as_directory() as d:
-            saved = load_checkpoint(d, model, par, optimizer, rank)
-        state = TrainerState(**{k: saved[k] for k in asdict(state)})
+        resumed = resume_from(ckpt, _kept_checkpoints,
+                              lambda c: _load(c, model, par, optimizer, rank), _agree, rank,
+                              warn=lambda message: say(f"[lmforge] warning: {message}"))
+        state = TrainerState(**{k: resumed.state[k] for k in asdict(state)})
         state.attempt += 1
-        resumed_from = state.step
+        resumed_from, set_aside = state.step, resumed.set_aside
         say(f"[lmforge] rank {rank}: attempt {state.attempt} resumes from step {state.step}")
 
     # Micro-batch index step * grad_accum + m: the same global batches for any world size.
@@ -97,6 +126,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                         cfg.micro_batch_size, cfg.eval_batches)
     log = TrackingBuffer.for_run(tracker, spec.tracking.buffer_size) \
         if rank == 0 and tracker is not None else None
+    stop_check = StopCheck(watch(config["stop_flag"])) if config.get("stop_flag") else None
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * spec.model.block_size * world
     flops_per_step = flops_per_token(raw, spec.model.block_size) * tokens_per_step
     peak = peak_flops(cfg, device)
@@ -105,7 +135,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                         "train.global_batch_sequences": tokens_per_step // spec.model.block_size,
                         "train.tokens_per_step": tokens_per_step})
     run_id = tracker.run_id if tracker else ""
-    train_time, timed_steps = 0.0, 0
+    train_time, timed_steps, preempted = 0.0, 0, False
 
     model.train()
     for step in range(state.step, cfg.steps):
@@ -114,6 +144,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         micro_batches = (shard.batch(step * cfg.grad_accum + m) for m in range(cfg.grad_accum))
         step_loss, grad_norm = train_step(model, par, optimizer, micro_batches, lr)
         done = step + 1
+        if step_hook is not None:
+            step_hook(StepInfo(done, rank, state.attempt, ctx.get_experiment_name(), spec))
         logging = done % cfg.log_every == 0
         if logging:
             loss_value = step_loss.item()  # a device sync point: only on logging steps
@@ -135,8 +167,19 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 + f" eta {_eta((cfg.steps - done) * step_s)}")
             log.log_metrics(throughput, step=done)
 
+        # The same answer on every rank (so they all report alike); the last step needs none.
+        preempted = stop_check is not None and stop_check.should_stop() and done < cfg.steps
         checkpointing = done % cfg.checkpoint_interval == 0 or done == cfg.steps
-        if not (checkpointing or done % cfg.eval_every == 0):
+        evaluating = checkpointing or done % cfg.eval_every == 0
+        if preempted and not evaluating:
+            # Checkpoint now, without evaluating: the grace period is short.
+            state.step = done
+            _report({"step": done, "val_loss": UNSCORED, "best_val_loss": state.best_val_loss,
+                     "tokens_per_s": tokens_per_s, "attempt": state.attempt,
+                     "resumed_from_step": resumed_from, "preempted": True},
+                    model, par, optimizer, data, rank, state, checkpoint=True, taken=set_aside)
+            break
+        if not evaluating:
             continue
         val_loss = evaluate(model, val, device, par)  # all-reduced: every rank agrees
         state.step = done
@@ -146,23 +189,28 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                    "best_val_loss": state.best_val_loss, "tokens_per_s": tokens_per_s,
                    "tokens": done * tokens_per_step, "mlflow_run_id": run_id,
                    "attempt": state.attempt, "resumed_from_step": resumed_from,
-                   "stopped_early": stop}
+                   "stopped_early": stop, "preempted": preempted}
+        finishing = (stop or done == cfg.steps) and not preempted
         if log is not None:
             log.log_metrics({k: metrics[k] for k in ("val_loss", "val_ppl")}, step=done)
             if stop:
                 say(f"[lmforge] early stop at step {done}: no better validation loss in "
                     f"{state.evals_since_best} evaluations")
-            if stop or done == cfg.steps:  # before the last report: it takes the count
+            if finishing:  # before the last report, which takes the count to the summary
                 metrics["tracking_dropped"] = log.close(spec.tracking.flush_timeout_s).dropped
         _report(metrics, model, par, optimizer, data, rank, state,
-                checkpoint=checkpointing or stop)
-        if stop:
+                checkpoint=checkpointing or stop or preempted, taken=set_aside)
+        if stop or preempted:
             break
+    if stop_check is not None:
+        stop_check.close()
+        if preempted and log is not None:  # the checkpoint first: the grace period is short
+            log.close(min(5.0, spec.tracking.flush_timeout_s))
 
 
 def _report(metrics: dict[str, Any], model: torch.nn.Module, par: Parallel,
             optimizer: torch.optim.Optimizer, data: PreparedData, rank: int,
-            state: TrainerState, checkpoint: bool) -> None:
+            state: TrainerState, checkpoint: bool, taken: list[str]) -> None:
     """Every rank reports (it is a barrier); with a checkpoint, every rank writes its part
     and Ray Train merges them into one directory before registering it."""
     if not checkpoint:
@@ -172,7 +220,30 @@ def _report(metrics: dict[str, Any], model: torch.nn.Module, par: Parallel,
         save_checkpoint(tmp, model, par, optimizer, rank, data.tokenizer_dir,
                         asdict(state) | {"metrics": metrics})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{metrics['step']:07d}")
+                         checkpoint_dir_name=checkpoint_dir_name(metrics["step"], taken))
+
+
+def _load(ckpt: ray.train.Checkpoint, model: torch.nn.Module, par: Parallel,
+          optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
+    with ckpt.as_directory() as d:
+        return load_checkpoint(d, model, par, optimizer, rank)
+
+
+def _kept_checkpoints() -> list[ray.train.Checkpoint]:
+    """The run's registered checkpoints, newest first (Ray keeps the best
+    `train.keep_checkpoints` by validation loss, and the latest)."""
+    reported = ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    return [r.checkpoint for r in sorted(reported, key=lambda r: -r.metrics.get("step", 0))]
+
+
+def _agree(error: str | None) -> list[str | None]:
+    """Every rank's outcome of loading one checkpoint (a collective: all ranks call it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [error]
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return errors
 
 
 def say(message: str) -> None:

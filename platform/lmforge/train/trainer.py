@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
 from ray.train.torch import TorchTrainer
 
 from lmforge.config import JobSpec
 from lmforge.data import PreparedData
-from lmforge.storage import require_shared
+from lmforge.runs import require_shared_storage
+from lmforge.storage import resolve
 from lmforge.tracking import RunTracker
-from lmforge.train.checkpoint import DCP_DIR, export_hf
-from lmforge.train.loop import train_fn_per_worker
+from lmforge.train.checkpoint import DCP_DIR, export_hf, set_aside_reason
+from lmforge.train.loop import StepHook, train_fn_per_worker
+from lmforge.train.preempt import Preempted, Preemption
 
 
 @dataclass(frozen=True)
@@ -37,12 +48,16 @@ class TrainOutcome:
 
 
 def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
-                  callbacks: Sequence[UserCallback] = ()) -> TorchTrainer:
+                  callbacks: Sequence[UserCallback] = (),
+                  step_hook: StepHook | None = None,
+                  preemption: Preemption | None = None) -> TorchTrainer:
     cfg = spec.train
-    require_shared(cfg.storage_path, "train.storage_path")  # multi-host needs shared storage
+    require_shared_storage(spec, search=False)  # a multi-host run needs shared paths
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"spec": spec, "data": data, "tracker": tracker},
+        train_loop_config={"spec": spec, "data": data, "tracker": tracker,
+                           "step_hook": step_hook,
+                           "stop_flag": preemption.flag if preemption else None},
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.use_gpu,
@@ -50,7 +65,7 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=cfg.storage_path,
+            **resolve(cfg.storage_path, "train.storage_path").ray_storage(),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute="val_loss",
@@ -63,15 +78,32 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
 
 
 def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
-                 callbacks: Sequence[UserCallback] = ()) -> TrainOutcome:
+                 callbacks: Sequence[UserCallback] = (),
+                 step_hook: StepHook | None = None, preemptible: bool = False
+                 ) -> TrainOutcome:
     """Train run `name` to `train.steps` (or an early stop). Ray Train continues the run
     from the latest checkpoint it finds in storage under `name`: whether that is wanted
-    (`--resume`) or refused is the caller's rule (`lmforge.runs.NamedRun`)."""
-    result = build_trainer(spec, data, tracker, name, callbacks).fit()
-    best = result.get_best_checkpoint(metric="val_loss", mode="min") or result.checkpoint
+    (`--resume`) or refused is the caller's rule (`lmforge.runs.NamedRun`).
+
+    `step_hook(StepInfo)` runs on every worker after each optimizer step: how the chaos
+    tests inject faults (a worker killed, a checkpoint damaged, a hang) at a known step.
+
+    `preemptible`: a SIGTERM to this process while it trains (in the main thread) makes
+    the workers checkpoint at the next step boundary and stop, and this raise
+    `Preempted` (`lmforge.train.preempt`)."""
+    preemption = Preemption() if preemptible else None
+    trainer = build_trainer(spec, data, tracker, name, callbacks, step_hook, preemption)
+    try:
+        result = preemption.run(trainer.fit) if preemption else trainer.fit()
+    finally:
+        if preemption is not None:
+            preemption.close()
+    m = result.metrics or {}
+    if m.get("preempted"):
+        raise Preempted(m["step"])
+    best = best_intact(result.best_checkpoints)
     if best is None:
-        raise RuntimeError(f"training run {name!r} reported no checkpoint")
-    m = result.metrics
+        raise RuntimeError(f"training run {name!r} reported no checkpoint that loads")
     return TrainOutcome(steps=m["step"], val_loss=m["val_loss"], best_val_loss=m["best_val_loss"],
                         tokens_per_s=m["tokens_per_s"], checkpoint=hf_directory(best),
                         attempts=m["attempt"], resumed_from_step=m["resumed_from_step"],
@@ -79,7 +111,14 @@ def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, 
                         tracking_dropped=m.get("tracking_dropped", 0))
 
 
-def hf_directory(checkpoint) -> str:
+def best_intact(checkpoints: Sequence[tuple[Checkpoint, dict[str, Any]]]) -> Checkpoint | None:
+    """The kept checkpoint with the lowest validation loss, skipping any set aside because
+    it failed to load (Ray still lists those, with the loss they reported)."""
+    ranked = sorted(checkpoints, key=lambda c: c[1].get("val_loss", math.inf))
+    return next((c for c, _ in ranked if set_aside_reason(c) is None), None)
+
+
+def hf_directory(checkpoint: Checkpoint) -> str:
     """A local Hugging Face directory for a reported checkpoint: the checkpoint itself for
     DDP on local storage, else an export next to it (FSDP shards gathered into one file)."""
     local = checkpoint.filesystem.type_name == "local"

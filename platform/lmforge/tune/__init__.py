@@ -13,12 +13,10 @@ run id), never by a process-global active run, so concurrent trials nest correct
 
 from lmforge.tune.report import SearchOutcome, TrialOutcome
 from lmforge.tune.search import (
-    ResourceError,
-    check_fits,
     check_settings_unchanged,
     run_search,
     search_settings,
 )
 
-__all__ = ["ResourceError", "SearchOutcome", "TrialOutcome", "check_fits",
-           "check_settings_unchanged", "run_search", "search_settings"]
+__all__ = ["SearchOutcome", "TrialOutcome", "check_settings_unchanged", "run_search",
+           "search_settings"]

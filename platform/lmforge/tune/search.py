@@ -7,22 +7,28 @@ Each trial runs `trial.train_driver_fn`; what the search leaves in MLflow is `re
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
-import ray
+import pyarrow.fs
 from ray import tune
+from ray.train import Checkpoint
 from ray.tune import Stopper
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from lmforge.capacity import Demand, ensure_fits
 from lmforge.config import JobSpec, TuneConfig
 from lmforge.data import PreparedData
-from lmforge.runs import NamedRun, ResumeError, RunState
-from lmforge.storage import is_uri, require_shared
+from lmforge.runs import NamedRun, ResumeError, RunState, require_shared_storage
+from lmforge.storage import resolve
 from lmforge.tracking import RunTracker
+from lmforge.train.checkpoint import set_aside_reason
+from lmforge.train.loop import StepHook
+from lmforge.train.trainer import hf_directory
 from lmforge.tune.report import (
     SearchOutcome,
     TrialOutcome,
@@ -35,33 +41,6 @@ from lmforge.tune.report import (
 from lmforge.tune.snapshot import StateSnapshots, repair
 from lmforge.tune.space import distributions
 from lmforge.tune.trial import train_driver_fn
-
-
-class ResourceError(RuntimeError):
-    """The cluster can never run one trial; raised before any trial starts."""
-
-
-def trial_resources(spec: JobSpec) -> float:
-    """CPUs one trial holds: its driver function's bundle plus its training workers."""
-    return spec.tune.driver_cpus + spec.train.workers * spec.train.cpus_per_worker
-
-
-def check_fits(spec: JobSpec, cluster_cpus: float) -> None:
-    """Fail at once when a trial can never be scheduled, instead of pending forever."""
-    need = trial_resources(spec)
-    if need > cluster_cpus + 1e-9:
-        raise ResourceError(
-            f"one trial needs {need:g} CPUs (tune.driver_cpus {spec.tune.driver_cpus:g} + "
-            f"train.workers {spec.train.workers} x train.cpus_per_worker "
-            f"{spec.train.cpus_per_worker:g}) but the cluster has {cluster_cpus:g}; lower "
-            f"train.workers or train.cpus_per_worker"
-        )
-    if spec.train.use_gpu:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if spec.train.workers > gpus:
-            raise ResourceError(f"train.workers={spec.train.workers} with train.use_gpu needs "
-                                f"{spec.train.workers} GPUs; the cluster has {gpus:g}")
-
 
 # --- searcher, scheduler, budget -----------------------------------------------------
 
@@ -159,26 +138,31 @@ def check_settings_unchanged(spec: JobSpec, recorded: RunState, name: str) -> No
 
 def run_search(spec: JobSpec, data: PreparedData, parent: RunTracker | None,
                experiment_id: str, name: str, run_tags: dict[str, str] | None = None,
-               resume: bool = False) -> SearchOutcome:
+               resume: bool = False, step_hook: StepHook | None = None) -> SearchOutcome:
     """Run the search `name` under `tune.storage_path` (or, with `resume`, continue it from
-    Tune's state there) and return every trial's outcome and the best."""
+    Tune's state there) and return every trial's outcome and the best. `step_hook` goes to
+    every trial's workers (`run_training`)."""
     cfg = spec.tune
     if not cfg.search_space:
         raise ValueError("tune.search_space: empty; name at least one spec field to search")
-    check_fits(spec, ray.cluster_resources().get("CPU", 0))
-    require_shared(cfg.storage_path, "tune.storage_path")  # multi-host needs shared storage
+    # Also checked by `pipeline.execute` before the run opens; here for direct callers.
+    ensure_fits(Demand.of(spec, search=True), spec.train.scheduling_timeout_s)
+    require_shared_storage(spec, search=True)  # a multi-host search needs shared paths
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn, spec=spec, data=data, parent=parent,
-                             experiment_id=experiment_id, run_tags=run_tags or {}),
+                             experiment_id=experiment_id, run_tags=run_tags or {},
+                             step_hook=step_hook),
         {"CPU": cfg.driver_cpus},
     )
-    path = NamedRun(name, cfg.storage_path, search=True).path
+    experiment = NamedRun(name, cfg.storage_path, search=True).storage
+    path, where = experiment.uri, experiment.ray_storage()
     if resume:
-        if not tune.Tuner.can_restore(path):
+        if not tune.Tuner.can_restore(where["storage_path"],
+                                      storage_filesystem=where["storage_filesystem"]):
             raise ResumeError(f"{path}: no Ray Tune experiment state to resume")
         # Tune's state files are repaired where they are local (an object store's puts are
         # whole by themselves).
-        if not is_uri(path) and (damaged := repair(Path(path))):
+        if experiment.is_local and (damaged := repair(Path(path))):
             print(f"[lmforge] {', '.join(damaged)} in {path} was cut short (the driver was "
                   "killed while writing it); resuming from the last intact copy of the "
                   "search's state", file=sys.stderr, flush=True)
@@ -187,8 +171,9 @@ def run_search(spec: JobSpec, data: PreparedData, parent: RunTracker | None,
         # Finished and errored trials keep their results; the searcher keeps its history
         # and the token budget its count; trials the killed driver left running start
         # again and continue their Train runs.
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True,
-                                   resume_errored=False)
+        tuner = tune.Tuner.restore(where["storage_path"], trainable, resume_unfinished=True,
+                                   resume_errored=False,
+                                   storage_filesystem=where["storage_filesystem"])
     else:
         stop = TokenBudget(cfg.max_tokens) if cfg.max_tokens else None
         tuner = tune.Tuner(
@@ -200,12 +185,16 @@ def run_search(spec: JobSpec, data: PreparedData, parent: RunTracker | None,
                 max_concurrent_trials=cfg.max_concurrent_trials,
                 time_budget_s=cfg.time_budget_s,
             ),
-            run_config=tune.RunConfig(name=name, storage_path=cfg.storage_path, stop=stop,
-                                      callbacks=[StateSnapshots()], verbose=1),
+            run_config=tune.RunConfig(name=name, stop=stop, callbacks=[StateSnapshots()],
+                                      verbose=1,
+                                      **resolve(cfg.storage_path, "tune.storage_path")
+                                      .ray_storage()),
         )
     grid = tuner.fit()
     runs = trial_runs(parent) if parent is not None else {}
-    trials = [_outcome(r, runs, spec.train.steps) for r in grid]
+    # Trials report their checkpoints' paths inside train.storage_path's filesystem.
+    train_storage = resolve(spec.train.storage_path, "train.storage_path")
+    trials = [_outcome(r, runs, spec.train.steps, train_storage.fs) for r in grid]
     if parent is not None:
         close_stopped_trials(parent.uri, trials)
     finished = [t for t in trials if t.error is None and t.checkpoint is not None]
@@ -214,13 +203,18 @@ def run_search(spec: JobSpec, data: PreparedData, parent: RunTracker | None,
         raise RuntimeError(f"every trial failed: {errors}")
     pareto = pareto_front(finished) if cfg.multi_objective else []
     best = min(finished, key=lambda t: t.best_val_loss)
+    # The best checkpoint as a local Hugging Face directory (downloaded from an object
+    # store, FSDP shards gathered): what registering it needs.
+    best = dataclasses.replace(best, checkpoint=hf_directory(
+        Checkpoint(best.checkpoint, filesystem=train_storage.fs)))
     outcome = SearchOutcome(best=best, trials=trials, pareto=pareto)
     if parent is not None:
         log_search(parent, spec, outcome)
     return outcome
 
 
-def _outcome(result: tune.Result, runs: dict[str, Any], steps: int) -> TrialOutcome:
+def _outcome(result: tune.Result, runs: dict[str, Any], steps: int,
+             fs: pyarrow.fs.FileSystem) -> TrialOutcome:
     m = result.metrics or {}
     run = runs.get(Path(result.path).name) if result.path else None
     done = int(m.get("step", 0))
@@ -234,18 +228,20 @@ def _outcome(result: tune.Result, runs: dict[str, Any], steps: int) -> TrialOutc
         best_val_loss=float(m.get("best_val_loss", math.inf)),
         tokens_per_s=float(m.get("tokens_per_s", 0.0)),
         tokens=int(m.get("tokens", 0)),
-        checkpoint=_best_checkpoint_path(result),
+        checkpoint=_best_checkpoint_path(result, fs),
         mlflow_run_id=m.get("mlflow_run_id") or (run.info.run_id if run else ""),
         error=f"{type(result.error).__name__}: {result.error}"[:2000] if result.error else None,
     )
 
 
-def _best_checkpoint_path(result: tune.Result) -> str | None:
-    """The trial's lowest-val_loss Train checkpoint (its path travels in the metrics)."""
+def _best_checkpoint_path(result: tune.Result, fs: pyarrow.fs.FileSystem) -> str | None:
+    """The trial's lowest-val_loss Train checkpoint (its path travels in the metrics), not
+    one set aside because it failed to load."""
     history = result.metrics_dataframe
     if history is None or "checkpoint_path" not in history or history.empty:
         return (result.metrics or {}).get("checkpoint_path")
-    rows = history.dropna(subset=["checkpoint_path"])
-    return str(rows.loc[rows["val_loss"].idxmin(), "checkpoint_path"]) if len(rows) else None
+    rows = history.dropna(subset=["checkpoint_path"]).sort_values("val_loss")
+    return next((str(p) for p in rows["checkpoint_path"]
+                 if set_aside_reason(Checkpoint(str(p), filesystem=fs)) is None), None)
 
 

@@ -16,11 +16,13 @@ from lmforge.config import JobSpec
 from lmforge.data import PreparedData
 from lmforge.tracking import RunTracker, record_failure
 from lmforge.train import run_training
+from lmforge.train.loop import StepHook
 
 
 def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
                     parent: RunTracker | None, experiment_id: str,
-                    run_tags: dict[str, str] | None = None) -> None:
+                    run_tags: dict[str, str] | None = None,
+                    step_hook: StepHook | None = None) -> None:
     """One trial (Tune's function trainable; it runs in its own resource bundle).
 
     An invalid sample or a crash fails this trial only: its MLflow run is FAILED with the
@@ -48,7 +50,8 @@ def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
             tracker.log_dict(trial_spec.model_dump(mode="json"), "spec.yaml")
             metrics = tracker.system_metrics(spec.tracking.system_metrics_interval_s)
         with metrics:
-            run_training(trial_spec, data, tracker, name=name, callbacks=[TuneReportCallback()])
+            run_training(trial_spec, data, tracker, name=name,
+                         callbacks=[TuneReportCallback()], step_hook=step_hook)
     except Exception as e:
         if tracker is not None:  # never raises: an MLflow outage must not hide `e`
             record_failure(tracker, e, traceback.format_exc(), curve=True)
