@@ -309,6 +309,10 @@ class TuneConfig(Section):
     """Seed of the Optuna TPE sampler, so a search is reproducible."""
     driver_cpus: float = Field(0.1, gt=0)
     """CPUs reserved for each trial's driver function (Ray refuses 0)."""
+    trial_timeout_s: float | None = Field(None, gt=0)
+    """Wall-clock seconds one trial may take from its start (waiting for its workers
+    included): past it the trial ends as FAILED, its training run stopped and its MLflow
+    run FAILED, and the search goes on with the next trial. Unset: no limit."""
     storage_path: str = "runs/ray"
     """Where Ray Tune keeps the experiment state (`lmforge tune --resume` restores it): a
     local directory, a shared mount, or an object-store URI, like `train.storage_path`."""

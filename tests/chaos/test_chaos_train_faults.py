@@ -1,8 +1,8 @@
-"""Training faults: a damaged checkpoint under a worker failure.
+"""Training and search faults: a damaged checkpoint under a worker failure, and a hung trial.
 
-Faults are injected through `run_training`'s `step_hook`, which runs on every worker after
-each optimizer step, so they land at a known step of a real 2-worker Ray Train run (real
-checkpoints in storage, a real SIGKILL).
+Faults are injected through `run_training`'s / `run_search`'s `step_hook`, which runs on
+every worker after each optimizer step, so they land at a known step of a real 2-worker
+Ray Train run (real checkpoints in storage, a real SIGKILL, a real hang).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -18,9 +19,12 @@ from pathlib import Path
 import cloudpickle
 
 from lmforge.data import prepare_data
+from lmforge.tracking import RunTracker, experiment_id
 from lmforge.train import run_training
 from lmforge.train.checkpoint import SET_ASIDE_FILE
 from lmforge.train.loop import StepInfo
+from lmforge.tune import run_search
+from lmforge.tune.report import trial_runs
 
 # The hooks run in Ray workers, which may not import this test module: send them by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -53,6 +57,18 @@ def truncate_latest_then_die(info: StepInfo, at_step: int, log: str) -> None:
         f.truncate(size // 2)
     Path(log).write_text(json.dumps({"truncated": name, "size": size}))
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hang_once(info: StepInfo, at_step: int, claim: str) -> None:
+    """The first trial to reach `at_step` hangs for good (its rank 0 blocks; the other rank
+    then blocks in the next collective): a trial that never reports again."""
+    if info.rank != 0 or info.step != at_step:
+        return
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    threading.Event().wait()
 
 
 def test_truncated_latest_checkpoint_then_killed_worker_resumes_from_the_previous_one(
@@ -92,3 +108,40 @@ def test_truncated_latest_checkpoint_then_killed_worker_resumes_from_the_previou
     assert Path(outcome.checkpoint).name != fault["truncated"]
     assert wall_s < 180  # 44 s on the quiet 2-core machine, 104 s with others' runs on it
 
+
+def test_hung_trial_fails_at_its_timeout_and_the_search_finishes(
+        ray_cluster, tiny_spec, chaos_result, tmp_path: Path):
+    timeout_s, steps = 40, 40
+    spec = tiny_spec("tune.num_trials=2", "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
+                     f"tune.trial_timeout_s={timeout_s}", f"train.steps={steps}",
+                     "train.eval_every=20")
+    data = prepare_data(spec.data, spec.tokenizer, spec.model.block_size)
+    uri = spec.tracking.uri
+    experiment = experiment_id(uri, "chaos", tmp_path / "mlartifacts")
+    parent = RunTracker.start(uri, experiment, "chaos-hang")
+    claim = tmp_path / "hung"
+    start = time.monotonic()
+    outcome = run_search(spec, data, parent, experiment, name="chaos-hang",
+                         step_hook=partial(hang_once, at_step=5, claim=str(claim)))
+    wall_s = time.monotonic() - start
+
+    failed = [t for t in outcome.trials if t.status == "FAILED"]
+    finished = [t for t in outcome.trials if t.status == "FINISHED"]
+    errors = list((tmp_path / "ray" / "chaos-hang").glob("*/error.txt"))
+    hung_for = errors[0].stat().st_mtime - claim.stat().st_mtime if errors else float("nan")
+    runs = {r.info.status for r in trial_runs(parent).values()}
+    chaos_result("a hung trial", load=f"a 2-trial search, one trial at a time, {steps} steps",
+                 faults=f"one trial's training blocked for good at step 5 "
+                        f"(tune.trial_timeout_s {timeout_s})",
+                 lost=f"{steps - finished[0].steps if finished else steps} steps of the "
+                      "healthy trial; the search finished",
+                 hung_trial_ended_after_s=hung_for, wall_s=wall_s)
+    assert claim.exists(), "no trial hung"
+    assert len(failed) == 1 and "tune.trial_timeout_s (40 s)" in failed[0].error
+    assert len(finished) == 1 and finished[0].steps == steps
+    assert outcome.best.trial_id == finished[0].trial_id
+    # FAILED within its timeout (counted from the trial's start, before the hang), plus the
+    # moments Tune takes to record it.
+    assert len(errors) == 1 and hung_for < timeout_s + 10
+    assert runs == {"FAILED", "FINISHED"}
+    assert wall_s < 180

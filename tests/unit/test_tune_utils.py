@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from lmforge.tune.search import (
     startup_trials,
 )
 from lmforge.tune.space import distributions
+from lmforge.tune.trial import TrialTimeout, within
 
 SPACE = {
     "train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
@@ -210,3 +213,24 @@ def test_resume_refuses_search_settings_that_tune_restore_would_ignore(tmp_path)
     (tmp_path / "s" / "lmforge_search.json").write_text(json.dumps({"parent_run_id": "r"}))
     check_settings_unchanged(spec(max_tokens=5000), named.state(), "s")
 
+
+# --- a trial's deadline --------------------------------------------------------------
+
+
+def test_within_returns_what_the_trial_returns_and_raises_what_it_raises():
+    assert within(5, time.monotonic(), lambda: 42) == 42
+    assert within(None, time.monotonic(), lambda: 7) == 7
+
+    def fail():
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        within(5, time.monotonic(), fail)
+
+
+def test_a_hung_trial_times_out_at_its_deadline():
+    hang = threading.Event()  # never set: a trial blocked for good
+    started = time.monotonic() - 0.5  # the deadline counts from the trial's start
+    with pytest.raises(TrialTimeout, match=r"tune.trial_timeout_s \(0.8 s\)"):
+        within(0.8, started, hang.wait)
+    assert time.monotonic() - started == pytest.approx(0.8, abs=0.3)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ from ray.train import (
     UserCallback,
 )
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from lmforge.config import JobSpec
 from lmforge.data import PreparedData
@@ -24,7 +28,7 @@ from lmforge.runs import require_shared_storage
 from lmforge.storage import resolve
 from lmforge.tracking import RunTracker
 from lmforge.train.checkpoint import DCP_DIR, export_hf, set_aside_reason
-from lmforge.train.loop import StepHook, train_fn_per_worker
+from lmforge.train.loop import StepHook, say, train_fn_per_worker
 from lmforge.train.preempt import Preempted, Preemption
 
 
@@ -47,8 +51,43 @@ class TrainOutcome:
     unsent at `tracking.flush_timeout_s`)."""
 
 
+KILL_AFTER_S = 10.0
+
+
+class Deadline(ControllerCallback):
+    """Aborts a Train run at a wall-clock time (`time.time()`), wherever it is: waiting
+    for its workers, training, or hung in a collective.
+
+    Runs in the Train controller's process: a timer there asks the controller to abort
+    itself (`TrainController.abort`, what Ctrl-C on `fit()` does), which stops the worker
+    group, frees its placement group and ends `fit()` with an error. A ControllerCallback
+    (Ray's DeveloperAPI; RunConfig passes callbacks other than UserCallback through to the
+    controller) because nothing outside the controller holds a handle to it."""
+
+    def __init__(self, at: float, reason: str) -> None:
+        self.at, self.reason = at, reason
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        import ray
+
+        controller = ray.get_runtime_context().current_actor
+
+        def abort() -> None:
+            say(f"[lmforge] {self.reason}: aborting the training run")
+            controller.abort.remote()
+            # A graceful abort waits on the workers, which a hang can block: past a grace,
+            # end the controller's process. Ray then ends the workers and the placement
+            # group it owns, as it does when a controller dies.
+            time.sleep(KILL_AFTER_S)
+            say(f"[lmforge] {self.reason}: the abort did not end it; exiting the controller")
+            os._exit(1)
+
+        threading.Thread(target=lambda: (time.sleep(max(0.0, self.at - time.time())),
+                                         abort()), daemon=True).start()
+
+
 def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
-                  callbacks: Sequence[UserCallback] = (),
+                  callbacks: Sequence[UserCallback | ControllerCallback] = (),
                   step_hook: StepHook | None = None,
                   preemption: Preemption | None = None) -> TorchTrainer:
     cfg = spec.train
@@ -78,7 +117,7 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
 
 
 def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
-                 callbacks: Sequence[UserCallback] = (),
+                 callbacks: Sequence[UserCallback | ControllerCallback] = (),
                  step_hook: StepHook | None = None, preemptible: bool = False
                  ) -> TrainOutcome:
     """Train run `name` to `train.steps` (or an early stop). Ray Train continues the run

@@ -5,9 +5,12 @@ trial at a rung) and logged to the trial's MLflow run, a child of the search's."
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -17,6 +20,14 @@ from lmforge.data import PreparedData
 from lmforge.tracking import RunTracker, record_failure
 from lmforge.train import run_training
 from lmforge.train.loop import StepHook
+from lmforge.train.trainer import Deadline
+
+T = TypeVar("T")
+ABORT_GRACE_S = 2.0
+
+
+class TrialTimeout(RuntimeError):
+    """A trial ran past `tune.trial_timeout_s`."""
 
 
 def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
@@ -33,7 +44,14 @@ def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
     passes only the path). Ray Train finds their run in storage and continues it from its
     latest checkpoint, so the steps, and the tokens TokenBudget has counted, are not
     trained again.
+
+    With `tune.trial_timeout_s`, a trial still running at its deadline (hung in a
+    collective, waiting for workers, ...) raises `TrialTimeout`: Tune records it as an
+    errored trial (FAILED in the outcome and in MLflow) and goes on. Its Train run aborts
+    itself just after (`Deadline`), freeing its workers for the next trial: Tune stopping
+    the trial's actor does not end the Train controller it started.
     """
+    started = time.monotonic()
     ctx = tune.get_context()
     trial_name = ctx.get_trial_name()
     name = f"{ctx.get_experiment_name()}-{trial_name}"
@@ -49,9 +67,17 @@ def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
         if tracker is not None:
             tracker.log_dict(trial_spec.model_dump(mode="json"), "spec.yaml")
             metrics = tracker.system_metrics(spec.tracking.system_metrics_interval_s)
+        callbacks: list[Any] = [TuneReportCallback()]  # here: it needs this thread's session
+        if (timeout_s := spec.tune.trial_timeout_s) is not None:
+            # The trial fails with TrialTimeout at its deadline, and its Train run (workers,
+            # placement group) ends itself a moment later: later, so the run's own error
+            # (its controller gone) cannot reach this thread first.
+            at = time.time() + timeout_s - (time.monotonic() - started) + ABORT_GRACE_S
+            callbacks.append(Deadline(at, f"trial {trial_name} ran past tune.trial_timeout_s"))
         with metrics:
-            run_training(trial_spec, data, tracker, name=name,
-                         callbacks=[TuneReportCallback()], step_hook=step_hook)
+            within(timeout_s, started, lambda: run_training(
+                trial_spec, data, tracker, name=name, callbacks=callbacks,
+                step_hook=step_hook))
     except Exception as e:
         if tracker is not None:  # never raises: an MLflow outage must not hide `e`
             record_failure(tracker, e, traceback.format_exc(), curve=True)
@@ -59,3 +85,30 @@ def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
     if tracker is not None:
         tracker.log_loss_curve()
         tracker.finish()
+
+def within(timeout_s: float | None, started: float, fn: Callable[[], T]) -> T:
+    """`fn()`, or `TrialTimeout` once `timeout_s` has passed since `started`.
+
+    `fn` runs in a daemon thread that is left behind on a timeout: nothing can interrupt a
+    thread blocked in Ray (`TorchTrainer.fit` waits on its controller); the `Deadline` of
+    the Train run it started ends that run.
+    """
+    if timeout_s is None:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # handed to the caller's thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="lmforge-trial", daemon=True)
+    thread.start()
+    thread.join(max(0.0, started + timeout_s - time.monotonic()))
+    if thread.is_alive():
+        raise TrialTimeout(f"the trial ran past tune.trial_timeout_s ({timeout_s:g} s) and "
+                           "was stopped")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
