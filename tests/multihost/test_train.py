@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -13,11 +15,18 @@ from mlflow.tracking import MlflowClient
 from lmforge.pipeline import Summary
 from lmforge.tracking import RunTracker
 
-from ..integration.helpers import SPEC, lmforge, own_cluster_env
+from ..integration.helpers import (
+    SPEC,
+    file_size,
+    lmforge,
+    own_cluster_env,
+    wait_until,
+)
 from .harness import Hosts
 
 STALL_S = 180  # a training command prints as it goes: this long silent is a stuck run
-# A checkpoint at every evaluation.
+# A checkpoint at every evaluation; long enough that a host is taken away well before the
+# end (Ray Train passes reports on every 2 s, its default poll, on these clusters).
 STEPS = ("train.steps=120", "train.eval_every=20", "train.log_every=1")
 
 
@@ -100,3 +109,54 @@ def test_a_local_path_on_several_hosts_fails_at_once_naming_the_field(two_hosts:
     assert not worker_nodes(out)  # no worker started
     assert not (hosts.head.tmp / "local-only").exists()
 
+
+def test_losing_a_host_mid_run_resumes_on_the_hosts_left(three_hosts: Hosts,
+                                                         one_host_losses: dict[int, float],
+                                                         tmp_path: Path):
+    """Three hosts, two workers: once a checkpoint is in the bucket, every process of a
+    worker's host (not the head's) is killed and its link goes down. Ray Train restarts
+    the worker group on the two hosts left, from the latest checkpoint, and the run
+    finishes every step with the uninterrupted run's losses."""
+    hosts = three_hosts
+    node_host = {n["node_id"]: h for n in hosts.alive_nodes()
+                 for h in hosts.hosts if h.ip == n["ip"]}
+    log = tmp_path / "driver.log"
+    driver = hosts.head.popen(
+        [sys.executable, "-m", "lmforge", "train", str(SPEC), *STEPS,
+         f"data.cache_dir={hosts.s3('loss/cache')}", f"train.storage_path={hosts.s3('loss/ray')}",
+         "tracking.run_name=host-loss", "train.max_failures=2", "registry.enabled=false"],
+        hosts.driver_env(), log)
+    snapshot = "loss/ray/host-loss/checkpoint_manager_snapshot.json"
+    moving = lambda: (file_size(log), len(hosts.list_bucket("loss/")))  # noqa: E731
+
+    # Kill once Ray Train has registered a checkpoint (its snapshot lists it) and both
+    # workers have said where they run.
+    wait_until(lambda: (snapshot in hosts.list_bucket("loss/ray/")
+                        and len(worker_nodes(log.read_text())) == 2) or driver.poll() is not None,
+               "a checkpoint registered in the bucket", progress=moving, stall_s=STALL_S,
+               interval_s=0.2, detail=lambda: log.read_text()[-3000:])
+    assert driver.poll() is None, log.read_text()[-3000:]
+    first = log.read_text()
+    victim = next(node_host[n] for n in sorted(worker_nodes(first))
+                  if node_host[n] is not hosts.head)
+    victim.kill()
+    assert not victim.pids()
+    wait_until(lambda: driver.poll() is not None, "the run after the host loss",
+               progress=moving, stall_s=STALL_S, interval_s=0.5,
+               detail=lambda: log.read_text()[-3000:])
+
+    text = log.read_text()
+    assert driver.returncode == 0, text[-5000:]
+    summary = Summary(**json.loads(text.strip().splitlines()[-1]))
+    assert summary.steps == 120 and summary.attempts == 2, summary
+    k = summary.resumed_from_step
+    assert k % 20 == 0 and 20 <= k < 120, k
+    # The second attempt's workers ran on the hosts left, one on each.
+    after = {node_host[n].name for n in worker_nodes(text[len(first):])}
+    assert after == {h.name for h in hosts.hosts if h is not victim}, (after, victim.name)
+    # Every step after the resume, with the uninterrupted run's loss.
+    losses = [(s, v) for s, v in RunTracker(hosts.mlflow_url, summary.mlflow_run_id)
+              .metric_history("train_loss") if s > k]
+    assert {s for s, _ in losses} == set(range(k + 1, 121))
+    for step, value in losses:
+        assert value == pytest.approx(one_host_losses[step], abs=1e-5), step
