@@ -241,6 +241,7 @@ class TrackingBuffer:
         self._give_up = threading.Event()  # close's deadline passed: stop retrying
         self._sent = self._dropped = self._dropped_logged = 0
         self._outage_warned = False
+        self._down = False  # the last request failed: MLflow is in an outage
         self._last_step = 0
         self._thread = threading.Thread(target=self._run, name="lmforge-tracking",
                                         daemon=True)  # never keeps a finished worker alive
@@ -329,6 +330,9 @@ class TrackingBuffer:
                 else:
                     self._client.log_batch(self.run_id, metrics=items)
             except Exception as e:  # whatever MLflow or the network raises: retry later
+                with self._cond:
+                    self._down = True
+                    self._cond.notify_all()  # a drain() waiting now returns at once
                 if down_since is None:
                     down_since = time.monotonic()
                     logger.warning("MLflow logging failed (%s: %s); training goes on with "
@@ -343,13 +347,28 @@ class TrackingBuffer:
                     self._sent += len(self._in_flight[1])
                     self._dropped_logged = dropped
                 self._in_flight = None
-                self._outage_warned = False
+                self._outage_warned = self._down = False
                 backlog = self._queued
                 self._cond.notify_all()
             if down_since is not None:
                 logger.warning("MLflow reachable again after %.0f s; sending %d buffered "
                                "metric values", time.monotonic() - down_since, backlog)
                 down_since = None
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for everything queued so far to reach MLflow, but not at
+        all while MLflow is down; True when the queue is empty. For the points where the
+        process may be ended right after (a report that lets ASHA stop the trial, which
+        kills its workers and this daemon thread with them): normally milliseconds, and
+        an outage still never holds the step loop."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while (self._queue or self._in_flight is not None) and not self._down:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return not self._queue and self._in_flight is None
 
     def close(self, deadline_s: float) -> BufferStats:
         """Send what is queued, waiting at most `deadline_s`; what is left then is given

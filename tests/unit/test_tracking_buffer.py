@@ -129,3 +129,21 @@ def test_recording_a_failure_during_an_outage_keeps_the_first_error(caplog):
             record_failure(tracker, e, "traceback", curve=True)
             raise
     assert "could not record" in caplog.text
+
+
+def test_drain_waits_for_a_healthy_server_and_never_for_a_down_one():
+    client = FlakyClient(up=True, delay_s=0.05)
+    buf = TrackingBuffer("run", client, retry_s=0.01, max_retry_s=0.05)
+    buf.log_metrics({"val_loss": 2.5}, step=10)
+    assert buf.drain(timeout_s=5)  # sent before drain returns: a kill after it loses nothing
+    assert client.values("val_loss") == [(10, 2.5)]
+
+    client.up.clear()  # an outage: the next request fails
+    buf.log_metrics({"val_loss": 2.4}, step=20)
+    wait_for(lambda: client.failures >= 1)
+    start = time.perf_counter()
+    assert not buf.drain(timeout_s=5)
+    assert time.perf_counter() - start < 0.5  # the step loop is not held by an outage
+    client.up.set()
+    assert buf.close(deadline_s=10).dropped == 0
+    assert client.values("val_loss") == [(10, 2.5), (20, 2.4)]

@@ -48,6 +48,7 @@ from lmforge.train.step import (
 
 STEADY_AFTER = 2  # steps not timed at the start of an attempt (allocator, compile warm-up)
 UNSCORED = 1e30
+DRAIN_S = 2.0  # at most this long, and only while MLflow answers, before an evaluation's report
 """The `val_loss` a preemption checkpoint is registered with (it is not evaluated): never
 the best, and the first of the kept ones to go once a later one supersedes it. Finite,
 because Ray Train's checkpoint snapshot stores inf as null and then cannot rank it."""
@@ -198,6 +199,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     f"{state.evals_since_best} evaluations")
             if finishing:  # before the last report, which takes the count to the summary
                 metrics["tracking_dropped"] = log.close(spec.tracking.flush_timeout_s).dropped
+            else:  # ASHA may stop the trial at this report, killing the sender thread
+                log.drain(DRAIN_S)
         _report(metrics, model, par, optimizer, data, rank, state,
                 checkpoint=checkpointing or stop or preempted, taken=set_aside)
         if stop or preempted:
