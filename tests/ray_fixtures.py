@@ -221,6 +221,27 @@ def tiny_model(uri: str) -> LoadedModel:
     return LoadedModel(model.eval(), tokenizer, name=uri)
 
 
+class Paced:
+    """A model whose every forward pass takes `step_s`, as a bigger model's would: generation
+    time ~ step_s * tokens, so a test can hold requests in flight for as long as it needs."""
+
+    def __init__(self, inner, step_s: float) -> None:  # noqa: ANN001
+        self.inner, self.config, self.step_s = inner, inner.config, step_s
+
+    def parameters(self):  # noqa: ANN201
+        return self.inner.parameters()
+
+    def __call__(self, **kwargs):  # noqa: ANN003, ANN204
+        time.sleep(self.step_s)
+        return self.inner(**kwargs)
+
+
+def paced_model(uri: str, step_s: float) -> LoadedModel:
+    """`tiny_model` at the pace of `step_s` per forward pass (bind step_s with a partial)."""
+    loaded = tiny_model(uri)
+    return LoadedModel(Paced(loaded.model, step_s), loaded.tokenizer, loaded.name)
+
+
 # --- an S3-compatible object store ----------------------------------------------------
 
 

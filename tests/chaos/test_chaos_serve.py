@@ -8,6 +8,7 @@ One replica serves them all in turn (starting Serve costs more than the scenario
 
 from __future__ import annotations
 
+import functools
 import json
 import select
 import socket
@@ -26,11 +27,10 @@ import pytest
 from ray import serve
 
 from lmforge.config import ServeConfig
-from lmforge.registry import LoadedModel
 from lmforge.serve import build_app, deploy
 
 from ..integration.helpers import free_port, replica_pids, wait_until
-from ..ray_fixtures import tiny_model
+from ..ray_fixtures import paced_model
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -40,23 +40,7 @@ MAX_BATCH, MAX_ONGOING, MAX_QUEUED = 4, 4, 4
 VALID = {"prompt": "the ", "max_tokens": 16, "temperature": 0.8}
 
 
-class Paced:
-    """The tiny model with every forward pass taking STEP_S (as a bigger model would)."""
-
-    def __init__(self, inner) -> None:  # noqa: ANN001
-        self.inner, self.config = inner, inner.config
-
-    def parameters(self):  # noqa: ANN201
-        return self.inner.parameters()
-
-    def __call__(self, **kwargs):  # noqa: ANN003, ANN204
-        time.sleep(STEP_S)
-        return self.inner(**kwargs)
-
-
-def paced_model(uri: str) -> LoadedModel:
-    loaded = tiny_model(uri)
-    return LoadedModel(Paced(loaded.model), loaded.tokenizer, loaded.name)
+model_at_pace = functools.partial(paced_model, step_s=STEP_S)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +50,7 @@ def endpoint(ray_cluster) -> Iterator[httpx.Client]:
                       max_queued_requests=MAX_QUEUED, max_receiving_requests=128,
                       backpressure_status=503, retry_after_s=1, body_timeout_s=60,
                       request_timeout_s=60)
-    url = deploy(build_app(paced_model, cfg, "paced"), cfg, name=APP)
+    url = deploy(build_app(model_at_pace, cfg, "paced"), cfg, name=APP)
     with httpx.Client(base_url=url, timeout=60) as client:
         yield client
     serve.shutdown()

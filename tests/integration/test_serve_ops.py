@@ -9,6 +9,7 @@ one queued) serves the whole module.
 
 from __future__ import annotations
 
+import functools
 import socket
 import sys
 import time
@@ -21,10 +22,9 @@ import ray
 from ray import serve
 
 from lmforge.config import ServeConfig
-from lmforge.registry import LoadedModel
 from lmforge.serve import build_app, deploy
 
-from ..ray_fixtures import tiny_model
+from ..ray_fixtures import paced_model
 from .helpers import free_port, wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -34,23 +34,7 @@ STEP_S = 0.05  # seconds each forward pass of the slow model takes
 LONG = {"prompt": "the ", "max_tokens": 60, "temperature": 0}
 
 
-class Slow:
-    """A model whose every forward pass takes STEP_S: generation time ~ STEP_S * tokens."""
-
-    def __init__(self, inner) -> None:  # noqa: ANN001
-        self.inner, self.config = inner, inner.config
-
-    def parameters(self):  # noqa: ANN201
-        return self.inner.parameters()
-
-    def __call__(self, **kwargs):  # noqa: ANN003, ANN204
-        time.sleep(STEP_S)
-        return self.inner(**kwargs)
-
-
-def slow_model(uri: str) -> LoadedModel:
-    loaded = tiny_model(uri)
-    return LoadedModel(Slow(loaded.model), loaded.tokenizer, loaded.name)
+slow_model = functools.partial(paced_model, step_s=STEP_S)
 
 
 @pytest.fixture(scope="module")
