@@ -58,11 +58,14 @@ STATE_FILE = "state.json"
 _STOP_GRACE_S = 10  # then SIGKILL to the node's own process group
 
 # Polls the State API from a fresh process (the caller's Ray may hold another cluster's
-# token: Ray caches tokens process-wide). Bounded by its own deadline.
-_PROBE = """
+# token: Ray caches tokens process-wide) until `want` nodes are ALIVE, or exactly `want`
+# with a 4th argument `exact` (waiting for a lost node to be noticed). Bounded by its own
+# deadline. The multi-host test harness runs it inside its head host.
+NODES_PROBE = """
 import json, sys, time
 from ray.util.state import list_nodes
 address, want, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+exact = sys.argv[4:] == ["exact"]
 alive, error = [], None
 while True:
     try:
@@ -70,7 +73,7 @@ while True:
         error = None
     except Exception as e:  # the dashboard is still starting
         error = repr(e)
-    if len(alive) >= want or time.monotonic() > deadline:
+    if (len(alive) == want if exact else len(alive) >= want) or time.monotonic() > deadline:
         break
     time.sleep(0.5)
 print(json.dumps({"alive": [{"node_id": n.node_id, "ip": n.node_ip, "head": n.is_head_node,
@@ -224,7 +227,7 @@ class LocalCluster:
 
     def alive_nodes(self, want: int = 0, timeout_s: float = 0) -> list[dict[str, Any]]:
         """The ALIVE nodes (node_id, ip, head, cpus), polling until `want` or `timeout_s`."""
-        r = subprocess.run([sys.executable, "-c", _PROBE, self.dashboard_url, str(want),
+        r = subprocess.run([sys.executable, "-c", NODES_PROBE, self.dashboard_url, str(want),
                             str(timeout_s)], env=dict(os.environ, **self.env),
                            capture_output=True, text=True, timeout=timeout_s + 120)
         if r.returncode != 0:

@@ -54,6 +54,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.cluster import NODES_PROBE
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 """The virtualenv's bin: `ray`, `mlflow`, `moto_server`, `lmforge`."""
@@ -69,26 +71,6 @@ S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 BUCKET = "lmforge"
 
-# Ray's State API from inside the head host: the ALIVE nodes, polled until `want` of them
-# are or the deadline passes (bounded; the dashboard may still be starting).
-_PROBE = """
-import json, sys, time
-from ray.util.state import list_nodes
-address, want, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
-alive, error = [], None
-while True:
-    try:
-        alive = list_nodes(address=address, filters=[("state", "=", "ALIVE")], timeout=10)
-        error = None
-    except Exception as e:
-        error = repr(e)
-    if len(alive) == want or time.monotonic() > deadline:
-        break
-    time.sleep(0.5)
-print(json.dumps({"alive": [{"ip": n.node_ip, "head": n.is_head_node, "node_id": n.node_id,
-                             "cpus": n.resources_total.get("CPU", 0)} for n in alive],
-                  "error": error}))
-"""
 
 
 class HarnessError(RuntimeError):
@@ -528,8 +510,8 @@ class Hosts:
     def alive_nodes(self, want: int = 0, timeout_s: float = 0) -> list[dict]:
         """The cluster's ALIVE nodes (ip, head, node_id, cpus) as the head's State API lists them,
         polled until there are `want` or `timeout_s` has passed."""
-        r = self.head.run([sys.executable, "-c", _PROBE, self.dashboard_url, str(want),
-                           str(timeout_s)], self.env(self.head), timeout_s=timeout_s + 120)
+        r = self.head.run([sys.executable, "-c", NODES_PROBE, self.dashboard_url, str(want),
+                           str(timeout_s), "exact"], self.env(self.head), timeout_s=timeout_s + 120)
         return json.loads(r.stdout.strip().splitlines()[-1])["alive"]
 
     # --- tear down ---------------------------------------------------------------------
