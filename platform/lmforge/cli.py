@@ -151,12 +151,41 @@ def data(spec: SpecArg, overrides: Overrides = None) -> None:
 
     job = _load(spec, overrides, name_run=False)
     try:
-        result = run_stage(job.data, job.tokenizer)
+        result = run_stage(job.data, job.tokenizer, block_size=job.model.block_size)
     except ValueError as e:  # a spec field that cannot work (named in the message)
         err.print(f"[bold red]data stage failed[/] {e}", highlight=False)
         raise typer.Exit(2) from None
     ray.shutdown()  # before the summary, so it stays the last line on stdout
     print(json.dumps(result.summary()), flush=True)
+
+
+@app.command("data-examples")
+def data_examples(
+    name: Annotated[str, typer.Argument(help="The set: pydoc-qa (questions about Python's "
+                                        "documentation topics, answered by their text).")],
+    out: Annotated[Path, typer.Argument(help="The .jsonl file to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="instruction or chat records.")
+                   ] = "instruction",
+    max_chars: Annotated[int, typer.Option(help="Longest answer, in characters.")] = 300,
+    questions: Annotated[int, typer.Option(help="Phrasings per section, 1 to 3.")] = 3,
+) -> None:
+    """Write an instruction or chat set that needs no network (built from text that ships
+    with Python), for `data.format: instruction|chat`. Prints {"records": N, "path": ...}."""
+    from lmforge.data.examples import SETS, write_jsonl
+
+    if name not in SETS:
+        err.print(f"[bold red]unknown set[/] {name!r}; choose from {', '.join(SETS)}")
+        raise typer.Exit(2)
+    if fmt not in ("instruction", "chat"):
+        err.print(f"[bold red]--format[/]: instruction or chat, not {fmt!r}")
+        raise typer.Exit(2)
+    try:
+        records = SETS[name](max_chars=max_chars, fmt=fmt, questions=questions)
+    except ValueError as e:
+        err.print(f"[bold red]bad option[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    write_jsonl(records, out)
+    print(json.dumps({"records": len(records), "path": str(out)}), flush=True)
 
 
 @app.command()

@@ -48,7 +48,30 @@ class DataConfig(Section):
     hub_split: str = "train"
     """Split of the hub dataset to read."""
     text_field: str = "text"
-    """Column holding the text in json/parquet/hub datasets."""
+    """Column holding the text in json/parquet/hub datasets (`format: text`)."""
+    format: Literal["text", "instruction", "chat"] = "text"
+    """What a record is. `text`: plain text, packed into one token stream (pretraining).
+    `instruction`: alpaca records (`instruction`, optional `input` and `system`, `output`).
+    `chat`: OpenAI `messages` ([{role: system|user|assistant, content}]) or ShareGPT
+    `conversations` ([{from: system|human|gpt, value}]). Both fine-tuning formats read
+    .jsonl/.json/.parquet files, are rendered with the tokenizer's chat template (an
+    instruction record as a user turn and an assistant turn) and put the loss on the
+    assistant's tokens only; a record missing a field, or with a role not listed, stops the
+    stage with an error naming its file and field (docs/data.md#instruction-and-chat-data)."""
+    chat_template: str | None = None
+    """`instruction`/`chat`: a Jinja chat template, or the path of a `.jinja` file holding
+    one. It must mark the assistant's text with `{% generation %}` so the loss can find it.
+    It is saved with the tokenizer, so the registered model and `lmforge serve` render
+    chats the same way. Unset: the tokenizer's own template, else lmforge's default
+    (`<|user|>` / `<|assistant|>` turns, each reply ending with the end-of-text token)."""
+    packing: bool = True
+    """`instruction`/`chat`: several examples per training block (each attends only to itself
+    and its positions start at 0, through position ids) instead of one example per block,
+    padded. Packing wastes no compute on padding; the loss is the same either way."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """`instruction`/`chat`: an example longer than `model.block_size` + 1 tokens is cut to
+    that length (`truncate`; dropped when no assistant token is left) or dropped (`drop`).
+    Both are counted in the stage summary and the manifest (`stats`)."""
     sample_by: Literal["document", "paragraph", "line"] = "document"
     """For .txt files: one document per file, per blank-line paragraph, or per line.
     An end-of-text token separates documents in the packed stream."""
@@ -72,6 +95,16 @@ class DataConfig(Section):
     fingerprint: Literal["listing", "content"] = "listing"
     """What names the cache entry besides the settings: `listing` (each file's path, size
     and modification time; nothing is read) or `content` (a hash of every file's bytes)."""
+
+    @model_validator(mode="after")
+    def _fine_tuning_fields_need_a_fine_tuning_format(self) -> DataConfig:
+        if self.format == "text" and self.chat_template is not None:
+            raise ValueError("data.chat_template is for data.format 'instruction' or 'chat', "
+                             "not 'text'")
+        if self.format != "text" and self.path is None:
+            raise ValueError(f"data.path: data.format {self.format!r} reads .jsonl/.json/"
+                             ".parquet records; set data.path to them")
+        return self
 
 
 class TokenizerConfig(Section):

@@ -13,6 +13,10 @@ G = micro_batch_size * world_size, and rank r takes its slice [i * G + r * B, ..
 Hence resuming at step k reads exactly the batches the uninterrupted run would have read,
 and the same seed gives the same global batches for any number of workers.
 
+An `instruction`/`chat` entry holds rows of whole examples instead (`data.chat`): global
+block b is row b, and a batch is (inputs, labels, position ids), labels -100 off the
+assistant's tokens. The order, the prefetch and the resume are the same.
+
 Local shards are memory-mapped (every worker on a node shares the page cache); shards of a
 remote entry are downloaded once per host through `storage.local_copy`, each when first
 needed. The next few batches are prepared in a background thread, so a step does not wait
@@ -29,7 +33,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from lmforge.data.chat import batch_tensors
 from lmforge.data.manifest import PreparedData, Split
+
+Batch = tuple[torch.Tensor, ...]
+"""(inputs, targets) for a token stream; (inputs, labels, position ids) for rows."""
 
 _M64 = (1 << 64) - 1
 
@@ -86,8 +94,9 @@ def open_shard(path: str, random_access: bool) -> np.ndarray:
     the default readahead faults in 128 KB or more around each, which measured 32 ms for a
     micro-batch of 16 cold windows against 0.2 ms without (bench/data_fetch.py)."""
     array = np.load(path, mmap_mode="r")
-    if array.ndim != 1:
-        raise ValueError(f"{path}: a token shard is 1-D, this one has shape {array.shape}")
+    if array.ndim not in (1, 3):
+        raise ValueError(f"{path}: a shard is 1-D tokens or 3-D rows, this one has shape "
+                         f"{array.shape}")
     if random_access and isinstance(array.base, mmap.mmap) and hasattr(mmap, "MADV_RANDOM"):
         array.base.madvise(mmap.MADV_RANDOM)
     return array
@@ -104,6 +113,7 @@ class ShardSet:
         self.shards = data.manifest.shards(split)
         self.offsets = data.manifest.block_offsets(split, block_size)
         self.n_blocks = int(self.offsets[-1])
+        self.rows = data.manifest.rows
         self._arrays: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()  # the prefetch thread and the loop both open shards
 
@@ -114,9 +124,13 @@ class ShardSet:
                 self._arrays[i] = open_shard(path, self.random_access)
             return self._arrays[i]
 
-    def windows(self, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets (len(blocks), block_size) of global `blocks`."""
+    def windows(self, blocks: np.ndarray) -> Batch:
+        """Inputs and next-token targets (len(blocks), block_size) of global `blocks`; for
+        rows, inputs, labels and position ids."""
         shard = np.searchsorted(self.offsets, blocks, side="right") - 1
+        if self.rows:
+            return batch_tensors(np.stack([self.array(int(s))[b - self.offsets[s]]
+                                           for s, b in zip(shard, blocks, strict=True)]))
         starts = (blocks - self.offsets[shard]) * self.block_size
         rows = np.stack([self.array(int(s))[b : b + self.block_size + 1]
                          for s, b in zip(shard, starts, strict=True)]).astype(np.int64)
@@ -125,6 +139,8 @@ class ShardSet:
 
     def head(self, n: int) -> np.ndarray:
         """The split's first `n` tokens (fewer if it is shorter), across shards."""
+        if self.rows:
+            raise ValueError("a split of example rows has no token stream head")
         parts, left = [], n
         for i in range(len(self.shards)):
             if left <= 0:
@@ -155,7 +171,7 @@ class BlockShard:
         self.prefetch = prefetch
         self._perms: dict[int, Permutation] = {}
         self._pool: ThreadPoolExecutor | None = None  # started on first use, not at init
-        self._pending: dict[int, Future[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._pending: dict[int, Future[Batch]] = {}
 
     def _perm(self, epoch: int) -> Permutation:
         perm = self._perms.get(epoch)  # called from the loop and the prefetch thread
@@ -176,11 +192,11 @@ class BlockShard:
             out[sel] = self._perm(int(e))(pos[sel])
         return out
 
-    def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, index: int) -> Batch:
         """Micro-batch `index`, read now (no prefetch)."""
         return self.shards.windows(self.blocks(index))
 
-    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, index: int) -> Batch:
         """Inputs and targets (micro_batch_size, block_size) for this rank's micro-batch
         `index`; the next `prefetch` ones are read in the background meanwhile. Asking out
         of order (a resume) is correct, only not prefetched."""
@@ -218,6 +234,6 @@ class ValidationSet:
             blocks = np.zeros(1, dtype=np.int64)
         self.batches = [blocks[i : i + batch_size] for i in range(0, len(blocks), batch_size)]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         for blocks in self.batches:
             yield self.shards.windows(blocks)

@@ -16,6 +16,10 @@ object-store URI) and is named by its fingerprint:
 Training examples are windows of block_size + 1 tokens cut from one shard at a stride of
 block_size (a window never crosses shards), so the block size stays out of the
 fingerprint and one entry serves every block size.
+
+An `instruction` or `chat` entry (`format`) is built for one block size instead: each shard
+is an int32 array of rows (rows, 3, block_size + 1) holding token ids, position ids and the
+loss mask of whole examples (`data.chat`), and a training example is one row.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ class Shard:
     file: str
     """Path relative to the entry, e.g. `train/00003.npy`."""
     tokens: int
+    """Tokens in the shard (for rows: the examples' tokens, padding excluded)."""
+    rows: int = 0
+    """Rows of examples (`instruction`/`chat` entries); 0 for a token stream."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,17 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     """What was read: the file listing (path, size, mtime or etag) or the hub id."""
     version: int = VERSION
+    format: str = "text"
+    """`text` (a token stream per shard) or `instruction`/`chat` (rows of examples)."""
+    block_size: int | None = None
+    """The block size rows were cut for (`instruction`/`chat` entries only)."""
+    stats: dict[str, int] = field(default_factory=dict)
+    """`instruction`/`chat`: examples stored, truncated and dropped, tokens, loss tokens."""
+
+    @property
+    def rows(self) -> bool:
+        """Whether shards hold rows of examples rather than a token stream."""
+        return self.format != "text"
 
     def shards(self, split: Split) -> tuple[Shard, ...]:
         return self.train if split == "train" else self.validation
@@ -68,8 +86,15 @@ class Manifest:
 
     def block_offsets(self, split: Split, block_size: int) -> np.ndarray:
         """Cumulative block counts: shard i holds global blocks [off[i], off[i + 1]).
-        A shard of n tokens holds (n - 1) // block_size windows of block_size + 1."""
-        counts = [max(0, (s.tokens - 1) // block_size) for s in self.shards(split)]
+        A shard of n tokens holds (n - 1) // block_size windows of block_size + 1; a shard of
+        rows holds one block per row."""
+        if self.rows:
+            if block_size != self.block_size:
+                raise ValueError(f"model.block_size: {block_size}, but this {self.format} "
+                                 f"entry was cut into rows for {self.block_size}")
+            counts = [s.rows for s in self.shards(split)]
+        else:
+            counts = [max(0, (s.tokens - 1) // block_size) for s in self.shards(split)]
         return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
 
     def to_json(self) -> str:

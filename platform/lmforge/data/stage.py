@@ -53,6 +53,7 @@ import pyarrow.fs as pafs
 
 from lmforge import storage
 from lmforge.config import DataConfig, TokenizerConfig
+from lmforge.data import chat
 from lmforge.data.manifest import (
     VERSION,
     Manifest,
@@ -120,7 +121,11 @@ def list_corpus(data: DataConfig) -> Source:
         if len(kinds) != 1:
             raise ValueError(f"data.path: mixes file kinds {sorted(kinds)}; use one kind per "
                              "corpus")
-        return Source(kinds.pop(), tuple(files), fs)
+        kind = kinds.pop()
+        if data.format != "text" and kind not in ("json", "parquet"):
+            raise ValueError(f"data.path: data.format {data.format!r} reads .jsonl/.json/"
+                             f".parquet records, not {kind} files")
+        return Source(kind, tuple(files), fs)
     if data.hub_id is not None:
         import datasets
 
@@ -158,21 +163,34 @@ def _list_files(path: str) -> tuple[pafs.FileSystem, list[SourceFile]]:
     return fs, sorted(files, key=lambda f: f.path)
 
 
-def settings(data: DataConfig, tok: TokenizerConfig) -> dict[str, Any]:
-    """Every setting that changes what the entry holds (not where it is written)."""
-    return {"text_field": data.text_field, "sample_by": data.sample_by,
-            "val_fraction": data.val_fraction, "shard_tokens": data.shard_tokens,
-            "block_bytes": data.block_bytes, "long_doc_chars": LONG_DOC_CHARS,
-            "tokenizer": tok.model_dump(mode="json")}
+def settings(data: DataConfig, tok: TokenizerConfig, block_size: int | None = None
+             ) -> dict[str, Any]:
+    """Every setting that changes what the entry holds (not where it is written). A `text`
+    entry's settings are what they were before the fine-tuning formats (same fingerprints);
+    an `instruction`/`chat` entry adds its format, block size and template."""
+    out = {"text_field": data.text_field, "sample_by": data.sample_by,
+           "val_fraction": data.val_fraction, "shard_tokens": data.shard_tokens,
+           "block_bytes": data.block_bytes, "long_doc_chars": LONG_DOC_CHARS,
+           "tokenizer": tok.model_dump(mode="json")}
+    if data.format != "text":
+        if block_size is None:
+            raise ValueError(f"data.format {data.format!r}: the entry is cut for one "
+                             "model.block_size, and none was given")
+        out |= {"format": data.format, "block_size": block_size, "packing": data.packing,
+                "overlong": data.overlong, "chat_template": chat.load_template(
+                    data.chat_template)}
+    return out
 
 
-def fingerprint(source: Source, data: DataConfig, tok: TokenizerConfig) -> str:
+def fingerprint(source: Source, data: DataConfig, tok: TokenizerConfig,
+                block_size: int | None = None) -> str:
     """The entry's name: the settings plus the file listing (path, size, mtime), so a
     cached corpus costs one listing, not a read; `data.fingerprint: content` hashes every
     file's bytes instead of its mtime. Python's docs are small and always hashed."""
     h = hashlib.blake2b(digest_size=8)
     h.update(json.dumps({"version": VERSION, "kind": source.kind, "mode": data.fingerprint,
-                         "settings": settings(data, tok)}, sort_keys=True).encode())
+                         "settings": settings(data, tok, block_size)}, sort_keys=True
+                        ).encode())
     if source.kind == "pydoc":
         for text in _pydoc_texts():
             h.update(text.encode())
@@ -264,6 +282,14 @@ class PackJob:
     column: str
     """`bytes` for .txt files (one row per file), else the text field."""
     sample_by: str = "document"
+    format: str = "text"
+    """`text`, or `instruction`/`chat`: records become rows of examples (`pack_examples`)."""
+    block_size: int = 0
+    packing: bool = True
+    overlong: str = "truncate"
+    tokenizer_files: tuple[tuple[str, bytes], ...] = ()
+    """`instruction`/`chat`: the saved tokenizer directory (with its chat template), which
+    `apply_chat_template` needs beyond the backend tokenizer."""
 
     @property
     def salt(self) -> bytes:
@@ -290,6 +316,8 @@ def _block_texts(batch: pa.Table, job: PackJob) -> list[str]:
 def pack_block(batch: pa.Table, job: PackJob) -> pa.Table:
     """One block of input -> its shards and part marker; returns one row, the part marker's
     JSON. Reused when a finished marker for the same content is already in the entry."""
+    if job.format != "text":
+        return pack_examples(batch, job)
     pieces: list[tuple[str, bool, bool]] = []  # (text, ends its document, held out)
     key_hash = hashlib.blake2b(job.salt, digest_size=8)
     for doc in _block_texts(batch, job):
@@ -323,6 +351,69 @@ def pack_block(batch: pa.Table, job: PackJob) -> pa.Table:
             if tokens:
                 writers[split].add(np.array(tokens, dtype=job.dtype))
     part = {"key": key, "documents": sum(p[1] for p in pieces),
+            "shards": [s for w in writers.values() for s in w.close()]}
+    put_bytes(fs, marker, json.dumps(part).encode())  # after its shards: marks them whole
+    return pa.table({"part": [json.dumps(part | {"reused": False})]})
+
+
+@lru_cache(maxsize=2)
+def _chat_tokenizer(files: tuple[tuple[str, bytes], ...]) -> Any:
+    """The Hugging Face tokenizer (with its chat template) from its saved files; parsed once
+    per worker process."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="lmforge-tok-") as tmp:
+        for name, content in files:
+            Path(tmp, name).write_bytes(content)
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def pack_examples(batch: pa.Table, job: PackJob) -> pa.Table:
+    """`pack_block` for instruction/chat records: each record is rendered with the chat
+    template, cut or dropped to block_size + 1 tokens, sent to a split by a hash of the
+    record, and packed into rows (`chat.RowPacker`) written as shards of at most
+    `shard_tokens` tokens' worth of rows. The part marker carries the block's `stats`."""
+    records = batch.to_pylist()
+    key_hash = hashlib.blake2b(job.salt + b"rows", digest_size=8)
+    encoded = []
+    for record in records:
+        path = record.pop("path", None)  # added by the reader (include_paths)
+        text = json.dumps(record, sort_keys=True, default=str)
+        held_out = is_validation(digest(text), job.val_fraction)
+        key_hash.update(f"{held_out:d}".encode() + digest(text))
+        encoded.append((record, path, held_out))
+    key = key_hash.hexdigest()
+    fs, root = storage.filesystem(job.entry, "data.cache_dir")
+    marker = f"{root}/parts/{key}.json"
+    done = _finished_part(fs, root, marker)
+    if done is not None:
+        return pa.table({"part": [json.dumps(done | {"reused": True})]})
+
+    tok = _chat_tokenizer(job.tokenizer_files)
+    length = job.block_size + 1
+    stats = chat.Stats()
+    packers = {split: chat.RowPacker(length, job.packing, job.eos_id)
+               for split in ("train", "validation")}
+    writers = {split: RowWriter(fs, root, split, key, max(1, job.shard_tokens // length))
+               for split in ("train", "validation")}
+    for record, path, held_out in encoded:
+        try:
+            messages = chat.to_messages(record, job.format)
+        except chat.RecordError as e:
+            where = path or "a record"
+            raise ValueError(f"data.path: {where}: {e} (data.format {job.format!r}; record: "
+                             f"{json.dumps(record, default=str)[:200]})") from None
+        example = chat.fit(*chat.render(tok, messages), length, job.overlong, stats)
+        if example is None:
+            continue
+        split = "validation" if held_out else "train"
+        packers[split].add(*example)
+        for row, tokens in packers[split].rows():
+            writers[split].add(row, tokens)
+    for split, packer in packers.items():
+        for row, tokens in packer.rows(final=True):
+            writers[split].add(row, tokens)
+    part = {"key": key, "documents": len(records), "stats": vars(stats),
             "shards": [s for w in writers.values() for s in w.close()]}
     put_bytes(fs, marker, json.dumps(part).encode())  # after its shards: marks them whole
     return pa.table({"part": [json.dumps(part | {"reused": False})]})
@@ -387,6 +478,40 @@ class ShardWriter:
         self.fill = 0
 
 
+class RowWriter:
+    """`ShardWriter` for rows of examples: `rows_per_shard` rows (3, block_size + 1) per
+    int32 shard `<split>/<key>-<nnnn>.npy`."""
+
+    def __init__(self, fs: pafs.FileSystem, root: str, split: str, key: str,
+                 rows_per_shard: int) -> None:
+        self.fs, self.root, self.split, self.key = fs, root, split, key
+        self.rows_per_shard = rows_per_shard
+        self.buf: list[np.ndarray] = []
+        self.tokens = 0  # the examples' tokens in `buf`, padding excluded
+        self.written: list[dict[str, Any]] = []
+
+    def add(self, row: np.ndarray, tokens: int) -> None:
+        self.buf.append(row)
+        self.tokens += tokens
+        if len(self.buf) == self.rows_per_shard:
+            self._flush()
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.buf:
+            self._flush()
+        return self.written
+
+    def _flush(self) -> None:
+        name = f"{self.split}/{self.key}-{len(self.written):04d}.npy"
+        rows = np.stack(self.buf)
+        out = io.BytesIO()
+        np.save(out, rows)
+        put_bytes(self.fs, f"{self.root}/{name}", out.getbuffer())
+        self.written.append({"split": self.split, "file": name, "tokens": self.tokens,
+                             "rows": len(rows)})
+        self.buf, self.tokens = [], 0
+
+
 def put_bytes(fs: pafs.FileSystem, path: str, data: bytes | memoryview) -> None:
     """Write a file whole or not at all: on a local disk through a temporary name and a
     rename; an object store publishes an object only when its upload completes."""
@@ -436,6 +561,10 @@ class StageResult:
             "wall_s": round(self.wall_s, 2), "cached": self.cached,
             "blocks": self.blocks, "reused_blocks": self.reused_blocks,
             **{f"{k}_s": round(v, 2) for k, v in self.timings.items()},
+            **({"format": self.manifest.format, "block_size": self.manifest.block_size,
+                "train_rows": sum(s.rows for s in self.manifest.train),
+                "val_rows": sum(s.rows for s in self.manifest.validation),
+                **self.manifest.stats} if self.manifest.rows else {}),
         }
 
 
@@ -462,13 +591,18 @@ BlockRunner = Callable[["Source", DataConfig, "PackJob"], list[dict[str, Any]]]
 
 def run_stage(data: DataConfig, tok_cfg: TokenizerConfig,
               log: Callable[[str], None] | None = None,
-              run_blocks: BlockRunner | None = None) -> StageResult:
+              run_blocks: BlockRunner | None = None,
+              block_size: int | None = None) -> StageResult:
     """Reuse the cache entry for this corpus and these settings, or build it on Ray Data
-    (`run_blocks`, default `ray_blocks`; the unit tests pass one that runs in-process)."""
+    (`run_blocks`, default `ray_blocks`; the unit tests pass one that runs in-process).
+    `block_size` (`model.block_size`) is needed by the `instruction` and `chat` formats,
+    whose entries hold rows of whole examples cut for it; `text` ignores it."""
     log = log or (lambda msg: print(f"[lmforge] data: {msg}", file=sys.stderr, flush=True))
     start = time.perf_counter()
     source = list_corpus(data)
-    fp = fingerprint(source, data, tok_cfg)
+    if data.format == "text":
+        block_size = None  # one text entry serves every block size
+    fp = fingerprint(source, data, tok_cfg, block_size)
     entry = join(data.cache_dir, fp)
     fs, root = storage.filesystem(entry, "data.cache_dir")
     manifest = whole_entry(entry)
@@ -481,31 +615,42 @@ def run_stage(data: DataConfig, tok_cfg: TokenizerConfig,
     tokenizer = _entry_tokenizer(fs, root, source, data, tok_cfg, log)
     timings["tokenizer"] = time.perf_counter() - t0
     dtype = "uint16" if len(tokenizer) <= np.iinfo(np.uint16).max else "uint32"
+    rows = data.format != "text"
+    if rows:
+        dtype = "int32"  # rows: token ids, position ids and the loss mask in one array
     job = PackJob(entry=entry, tokenizer_json=tokenizer.backend_tokenizer.to_str(),
                   eos_id=tokenizer.eos_token_id, dtype=dtype, val_fraction=data.val_fraction,
                   shard_tokens=data.shard_tokens,
                   column="bytes" if source.kind == "text" else
                   ("text" if source.kind == "pydoc" else data.text_field),
-                  sample_by=data.sample_by)
+                  sample_by=data.sample_by, format=data.format, block_size=block_size or 0,
+                  packing=data.packing, overlong=data.overlong,
+                  tokenizer_files=_tokenizer_files(fs, root) if rows else ())
     t0 = time.perf_counter()
     parts = (run_blocks or ray_blocks)(source, data, job)
     timings["pack"] = time.perf_counter() - t0
 
     shards: dict[str, list[Shard]] = {"train": [], "validation": []}
+    stats = chat.Stats()
     for part in parts:
         for s in part["shards"]:
-            shards[s["split"]].append(Shard(file=s["file"], tokens=s["tokens"]))
+            shards[s["split"]].append(Shard(file=s["file"], tokens=s["tokens"],
+                                            rows=s.get("rows", 0)))
+        stats.add(part.get("stats", {}))
     manifest = Manifest(
         fingerprint=fp, dtype=dtype, vocab_size=len(tokenizer),
         eos_id=tokenizer.eos_token_id,
         train=tuple(sorted(shards["train"], key=lambda s: s.file)),
         validation=tuple(sorted(shards["validation"], key=lambda s: s.file)),
-        settings=settings(data, tok_cfg), source=source.describe())
+        settings=settings(data, tok_cfg, block_size), source=source.describe(),
+        format=data.format, block_size=block_size, stats=vars(stats) if rows else {})
     write_manifest(entry, manifest)  # last, in one put: now the entry is whole
     reused = sum(p["reused"] for p in parts)
     wall = time.perf_counter() - start
     log(f"{fp}: {len(parts)} blocks ({reused} reused), "
-        f"{manifest.tokens('train') + manifest.tokens('validation'):,} tokens in {wall:.1f} s")
+        f"{manifest.tokens('train') + manifest.tokens('validation'):,} tokens in {wall:.1f} s"
+        + (f"; {stats.examples:,} examples, {stats.truncated:,} truncated, "
+           f"{stats.dropped:,} dropped" if rows else ""))
     return StageResult(fp, entry, manifest, cached=False, wall_s=wall,
                        reused_blocks=reused, blocks=len(parts), timings=timings)
 
@@ -514,7 +659,7 @@ def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, block_size: int,
                  run_blocks: BlockRunner | None = None) -> PreparedData:
     """The data stage for a training run: the entry (built or reused) as training finds
     it, refused at once when a split cannot fill one block of `block_size` + 1 tokens."""
-    result = run_stage(data, tok_cfg, run_blocks=run_blocks)
+    result = run_stage(data, tok_cfg, run_blocks=run_blocks, block_size=block_size)
     prepared = PreparedData(result.fingerprint, result.entry, result.manifest)
     for split, n in (("train", prepared.train_tokens), ("validation", prepared.val_tokens)):
         if result.manifest.block_offsets(split, block_size)[-1] == 0:
@@ -541,13 +686,16 @@ def ray_blocks(source: Source, data: DataConfig, job: PackJob) -> list[dict[str,
     # reuses what finished.
     paths = [f.path for f in source.files]
     blocks = min(len(paths), max(1, math.ceil(source.total_bytes / data.block_bytes)))
+    records = data.format != "text"  # whole records, each with its file (for errors)
     if source.kind == "text":
         ds = ray.data.read_binary_files(paths, filesystem=source.fs, override_num_blocks=blocks)
     elif source.kind == "json":
-        ds = ray.data.read_json(paths, filesystem=source.fs, override_num_blocks=blocks)
+        ds = ray.data.read_json(paths, filesystem=source.fs, override_num_blocks=blocks,
+                                include_paths=records)
     elif source.kind == "parquet":
-        ds = ray.data.read_parquet(paths, filesystem=source.fs, columns=[data.text_field],
-                                   override_num_blocks=blocks)
+        ds = ray.data.read_parquet(paths, filesystem=source.fs,
+                                   columns=None if records else [data.text_field],
+                                   override_num_blocks=blocks, include_paths=records)
     elif source.kind == "hub":
         ds = ray.data.from_huggingface(source.hub)
     else:
@@ -587,11 +735,29 @@ def _entry_tokenizer(fs: pafs.FileSystem, root: str, source: Source, data: DataC
         if getattr(tokenizer, "backend_tokenizer", None) is None:
             raise ValueError(f"tokenizer.path: {tok_cfg.path!r} has no fast (tokenizers) "
                              "version; the data stage needs one")
+        if data.format != "text":
+            # Saved with the tokenizer: checkpoints, the registry and serving then render
+            # chats exactly as training saw them.
+            template = chat.load_template(data.chat_template)
+            if template is not None or not getattr(tokenizer, "chat_template", None):
+                tokenizer.chat_template = template or chat.DEFAULT_CHAT_TEMPLATE
+            chat.check_template(tokenizer)
         tokenizer.save_pretrained(tmp)
         names = sorted(os.listdir(tmp), key=lambda n: n == "tokenizer.json")
         for name in names:  # tokenizer.json last: its presence means the rest is there
             put_bytes(fs, f"{root}/tokenizer/{name}", Path(tmp, name).read_bytes())
         return tokenizer
+
+
+def _tokenizer_files(fs: pafs.FileSystem, root: str) -> tuple[tuple[str, bytes], ...]:
+    """The entry's saved tokenizer files, to rebuild it (with its template) in a worker."""
+    infos = fs.get_file_info(pafs.FileSelector(f"{root}/tokenizer"))
+    out = []
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as f:
+                out.append((posixpath.basename(info.path), f.read()))
+    return tuple(out)
 
 
 def sample_texts(source: Source, data: DataConfig, budget: int) -> list[str]:
@@ -628,13 +794,20 @@ def _take(texts: Iterator[str] | Sequence[str], budget: int) -> list[str]:
 
 
 def _file_texts(source: Source, f: SourceFile, data: DataConfig, limit: int) -> Iterator[str]:
-    """Documents from the head of one file, reading about `limit` bytes."""
+    """Documents from the head of one file, reading about `limit` bytes (instruction and
+    chat records rendered through the spec's template, or lmforge's default)."""
     fs = source.fs
+    template = chat.load_template(data.chat_template) or chat.DEFAULT_CHAT_TEMPLATE
     if source.kind == "parquet":
         import pyarrow.parquet as pq
 
         with fs.open_input_file(f.path) as handle:
             pfile = pq.ParquetFile(handle)
+            if data.format != "text":
+                for batch in pfile.iter_batches(batch_size=1024):
+                    for row in batch.to_pylist():
+                        yield from chat.record_texts(row, data.format, template)
+                return
             if data.text_field not in pfile.schema_arrow.names:
                 raise ValueError(f"data.text_field: column {data.text_field!r} not in "
                                  f"{f.path} (columns: {pfile.schema_arrow.names})")
@@ -655,6 +828,10 @@ def _file_texts(source: Source, f: SourceFile, data: DataConfig, limit: int) -> 
         rows = json.loads(text)
     else:
         rows = (json.loads(line) for line in text.splitlines() if line.strip())
+    if data.format != "text":
+        for row in rows:
+            yield from chat.record_texts(row, data.format, template)
+        return
     for i, row in enumerate(rows):
         if i == 0 and data.text_field not in row:
             raise ValueError(f"data.text_field: field {data.text_field!r} not in {f.path} "

@@ -47,10 +47,21 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
 
 
-def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the batch, computed in fp32."""
-    logits = model(input_ids=x).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+            position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the batch, computed in fp32. With `position_ids`
+    (rows of instruction/chat examples, `data.chat`): the mean over the labelled tokens
+    (labels -100 are off the loss), and the position restarts keep packed examples apart."""
+    if position_ids is None:  # a token stream: today's path, untouched
+        logits = model(input_ids=x).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    # No KV cache: with one, transformers does not read position restarts as packed
+    # sequences, and examples would attend to each other.
+    logits = model(input_ids=x, position_ids=position_ids, use_cache=False).logits
+    total = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
+                            reduction="sum")
+    # A micro-batch whose labels are all -100 (possible only with tiny blocks) adds 0, not NaN.
+    return total / (y != -100).sum().clamp(min=1)
 
 
 @functools.cache
@@ -61,7 +72,7 @@ def _compiled_lm_loss() -> Callable[..., torch.Tensor]:
 
 
 def train_step(model: torch.nn.Module, par: Parallel, optimizer: torch.optim.Optimizer,
-               micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr: float
+               micro_batches: Iterable[tuple[torch.Tensor, ...]], lr: float
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `grad_accum` micro-batches: gradients synchronise on the
     last only, then clip and step. Returns (mean loss, gradient norm) as device tensors,
@@ -73,11 +84,11 @@ def train_step(model: torch.nn.Module, par: Parallel, optimizer: torch.optim.Opt
     # compiled model (`Parallel.wrap`) with an eager loss is faster (measured on an H200).
     loss_fn = _compiled_lm_loss() if par.cfg.compile and not par.fsdp else lm_loss
     step_loss = torch.zeros((), device=par.device)
-    for micro, (x, y) in enumerate(micro_batches):
-        x = x.to(par.device, non_blocking=True)
-        y = y.to(par.device, non_blocking=True)
+    for micro, batch in enumerate(micro_batches):
+        # (inputs, targets), or (inputs, labels, position ids) for rows of examples
+        tensors = [t.to(par.device, non_blocking=True) for t in batch]
         with par.micro_step(model, last=micro == accum - 1):
-            loss = loss_fn(model, x, y) / accum
+            loss = loss_fn(model, *tensors) / accum
         par.backward(loss)
         step_loss += loss.detach()
     return step_loss, par.clip_and_step(model, optimizer)
@@ -86,15 +97,19 @@ def train_step(model: torch.nn.Module, par: Parallel, optimizer: torch.optim.Opt
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val: ValidationSet, device: torch.device,
              par: Parallel | None = None) -> float:
-    """Mean validation loss per token over every rank's fixed validation batches."""
+    """Mean validation loss per token over every rank's fixed validation batches; for rows
+    of instruction/chat examples, per assistant token (the labelled ones)."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, tokens]
-    for x, y in val:
-        x, y = x.to(device), y.to(device)
+    for batch in val:
+        x, y, *rest = (t.to(device) for t in batch)
+        extra = {"position_ids": rest[0], "use_cache": False} if rest else {}  # see lm_loss
         with par.autocast() if par else torch.autocast(device.type, enabled=False):
-            logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
-        total += torch.stack([loss.double(), torch.tensor(y.numel(), device=device)])
+            logits = model(input_ids=x, **extra).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
+                               reduction="sum")
+        counted = (y != -100).sum() if rest else torch.tensor(y.numel(), device=device)
+        total += torch.stack([loss.double(), counted.double()])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
     model.train()
