@@ -31,6 +31,7 @@ import httpx
 import pytest
 import ray
 
+from lmforge.cluster import private_cluster_options
 from lmforge.config import JobSpec, load
 from lmforge.registry import LoadedModel
 
@@ -69,16 +70,16 @@ def ray_cluster(ray_settings: None) -> Iterator[str]:
     its GCS address.
 
     It keeps to itself: on 127.0.0.1, with a free dashboard port and its own temp dir (not
-    /tmp/ray, which every local Ray on the machine shares by default). Its jobs' workers get
-    RAY_API_SERVER_ADDRESS: Ray Train's placement-group cleaner calls the State API with
-    no address, which fails ("Found multiple active Ray instances") whenever another Ray
+    /tmp/ray, which every local Ray on the machine shares by default), and its workers ask
+    its own State API (`private_cluster_options`, as `lmforge` does for the cluster it
+    starts): Ray Train's placement-group cleaner would otherwise fail whenever another Ray
     runs on the machine, as one does while a test's subprocess runs its own cluster.
     """
     temp_dir = tempfile.mkdtemp(prefix="ray-")  # in the session's short private TMPDIR
     dashboard = free_port()
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
-             dashboard_host="127.0.0.1", dashboard_port=dashboard,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}})
+    ray.init(**private_cluster_options(dict(
+        address="local", num_cpus=2, _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
+        dashboard_host="127.0.0.1", dashboard_port=dashboard)))
     try:
         webui = ray._private.worker._global_node.address_info["webui_url"]
         assert webui == f"127.0.0.1:{dashboard}", f"dashboard at {webui}, not on {dashboard}"

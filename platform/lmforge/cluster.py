@@ -56,6 +56,9 @@ import psutil
 
 STATE_FILE = "state.json"
 _STOP_GRACE_S = 10  # then SIGKILL to the node's own process group
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
+"""Where Ray's State API clients in a cluster's workers find the cluster: Ray Train's
+placement-group cleaner asks it, with no address, whether a run's controller is alive."""
 
 # Polls the State API from a fresh process (the caller's Ray may hold another cluster's
 # token: Ray caches tokens process-wide) until `want` nodes are ALIVE, or exactly `want`
@@ -165,6 +168,9 @@ class LocalCluster:
         cluster = cls(root=root, address=f"127.0.0.1:{gcs_port}",
                       dashboard_url=f"http://127.0.0.1:{dashboard_port}", env=env,
                       cpus_per_node=cpus_per_node)
+        # Its workers' State API clients (Ray Train's placement-group cleaner) ask this
+        # cluster, not whichever one a scan of the machine finds (`private_cluster_options`).
+        node_env[STATE_API_ENV] = cluster.dashboard_url
         try:
             for i in range(nodes):
                 args = ["--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
@@ -333,26 +339,39 @@ def init_ray(**kwargs: Any) -> None:
         return
     address = os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
-        _warn_if_another_cluster_runs()
+        kwargs = private_cluster_options(kwargs)
     ray.init(address=address, log_to_driver=True, **kwargs)
 
 
-def _warn_if_another_cluster_runs() -> None:
-    """With two Ray clusters on one machine, Ray 2.60 Train's placement-group cleaner asks
-    the state API without an address, fails ("multiple active Ray instances") and leaves
-    a finished trial's resources reserved: the next trial then waits for them forever."""
-    import ray
+def private_cluster_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`ray.init` options for a private local cluster: its dashboard on a free port chosen here,
+    and that address given to every worker of the job as the State API's (`STATE_API_ENV`).
 
-    try:
-        others = sorted(ray._private.services.find_gcs_addresses())  # Ray's own `ps` scan
-    except Exception:  # a private helper: if it moved, go without the warning
-        return
-    if others:
-        print(f"[lmforge] warning: another Ray cluster runs on this machine ({', '.join(others)})."
-              " Ray Train cannot tell two local clusters apart when it cleans up after a "
-              "run, which can leave later trials waiting for resources. Stop it (`ray stop`)"
-              " or run on it (RAY_ADDRESS=... or `lmforge submit`).", file=sys.stderr,
-              flush=True)
+    Why: when Tune stops a trial (ASHA, or the trial's last report), it kills the trial's
+    actor, and the Train controller that actor owns dies with it without removing its
+    placement group; Ray Train's `PlacementGroupCleaner` exists to remove it. The cleaner
+    asks the State API with no address, which Ray resolves by scanning the machine for GCS
+    processes: with a second Ray cluster on the machine (another user's, a test session's)
+    that fails ("Found multiple active Ray instances"), the cleaner's thread dies, and the
+    trial's CPUs stay reserved: the next trial waits for its workers forever
+    (WorkerGroupStartupTimeoutError every 60 s). A cluster started with `ray start` records
+    its address where the cleaner looks; one started by `ray.init` does not, so it is named
+    here. The caller's own `dashboard_port` or `runtime_env` values win.
+    """
+    if kwargs.get("include_dashboard") is False:  # no State API to point at
+        return kwargs
+    options = dict(kwargs)
+    host = options.setdefault("dashboard_host", "127.0.0.1")
+    # A free port, not Ray's usual 8265: Ray does not look further for a port it is given
+    # (the dashboard is on this one or does not start), and two runs starting at once
+    # would both find 8265 free. Ray prints the dashboard's URL as it starts.
+    port = options.setdefault("dashboard_port", free_port())
+    runtime_env = dict(options.get("runtime_env") or {})
+    env_vars = dict(runtime_env.get("env_vars") or {})
+    reach = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    env_vars.setdefault(STATE_API_ENV, f"http://{reach}:{port}")
+    options["runtime_env"] = runtime_env | {"env_vars": env_vars}
+    return options
 
 
 def __getattr__(name: str) -> Any:

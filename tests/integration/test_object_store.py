@@ -21,11 +21,12 @@ def _listing(uri: str) -> list[str]:
     return [i.path.removeprefix(f"{where.path}/") for i in infos]
 
 
-def test_train_and_tune_with_storage_on_s3(s3_env, tmp_path: Path):
+def test_train_and_tune_with_storage_on_s3(ray_cluster, s3_env, tmp_path: Path):
     """`lmforge train` and `lmforge tune` with train.storage_path and tune.storage_path on
     s3://: both finish and register their model, their checkpoints and Tune's state are in
     the bucket, and nothing lands in a local directory named after the URI (the `./s3:`
-    directory the old code made)."""
+    directory the old code made). `ray_cluster`: the session's cluster runs beside the
+    commands' own, as in the full suite."""
     bucket = s3_env.bucket()
     env = own_cluster_env(**s3_env.env)
     common = [f"data.cache_dir={tmp_path / 'cache'}", f"train.storage_path={bucket}/train",
@@ -41,15 +42,15 @@ def test_train_and_tune_with_storage_on_s3(s3_env, tmp_path: Path):
     assert any(f.startswith("checkpoint_") and f.endswith("model.safetensors")
                for f in train_files), train_files
 
-    # One trial: in the full suite on 2 cores (2026-12-03) a second trial of this search
-    # never got its workers (WorkerGroupStartupTimeoutError every 60 s: the first trial's
-    # resources were not released), an open defect of issue 14 under investigation; run
-    # alone, two trials passed. This test is about where the search's state is stored.
+    # Two trials, beside a second Ray cluster on the machine (the session's): trial 1's
+    # Train run ends when Tune stops its trial at max_t, and only Ray Train's placement-group
+    # cleaner frees its CPUs for trial 2; it used to fail to tell the two clusters apart, and
+    # trial 2 never got its workers (lmforge.cluster.private_cluster_options).
     out = lmforge("tune", str(SPEC), *common, "tracking.run_name=s3-search",
-                  "tune.num_trials=1", cwd=tmp_path, env=env, stall_s=180)
+                  "tune.num_trials=2", cwd=tmp_path, env=env, stall_s=180)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["trials"] == 1 and summary["registered_version"] == 2, summary
+    assert summary["trials"] == 2 and summary["registered_version"] == 2, summary
     tune_files = _listing(f"{bucket}/tune/s3-search")
     assert "lmforge_run.json" in tune_files and "tuner.pkl" in tune_files, tune_files
     # Each trial's Train run checkpoints under train.storage_path, in the bucket too.

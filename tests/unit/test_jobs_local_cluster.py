@@ -62,3 +62,21 @@ def test_up_over_a_running_cluster_is_refused(tmp_path: Path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_every_node_names_its_own_cluster_to_its_workers(tmp_path: Path, monkeypatch):
+    """Each node's `ray start` (and so every worker it starts) gets the cluster's own
+    dashboard as the State API's address: Ray Train's placement-group cleaner asks it with
+    no address, and a scan of the machine finds every cluster on it (see
+    `lmforge.cluster.private_cluster_options`)."""
+    from lmforge import cluster
+
+    envs: list[dict[str, str]] = []
+    monkeypatch.setattr(LocalCluster, "_start_node",
+                        lambda self, i, args, *rest: (envs.append(rest[-1]),
+                                                      self.pids.append(0)))
+    monkeypatch.setattr(LocalCluster, "wait_alive", lambda self, n, timeout_s=0: None)
+    monkeypatch.setattr(LocalCluster, "_client_env", staticmethod(lambda home: {}))
+    monkeypatch.setenv(cluster.STATE_API_ENV, "http://elsewhere:1")
+    c = LocalCluster.up(nodes=2, root=tmp_path)
+    assert [env[cluster.STATE_API_ENV] for env in envs] == [c.dashboard_url] * 2

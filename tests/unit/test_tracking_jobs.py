@@ -189,21 +189,35 @@ def test_no_token_leaves_auth_mode_unset(ray_env):
     assert auth_mode_after(ray_env) == "unset"
 
 
-def test_starting_a_local_cluster_warns_when_another_one_runs(monkeypatch, capsys):
+def test_a_private_cluster_names_its_own_state_api_to_its_workers(monkeypatch):
+    """The cluster `lmforge` starts for itself pins its dashboard's port and gives its
+    workers that address as the State API's: Ray Train's
+    placement-group cleaner, which asks it with no address, then never finds another
+    cluster on the machine instead (tests/integration/test_object_store.py runs the search
+    it broke). Joining a cluster changes nothing."""
     import ray
 
-    from lmforge import pipeline
+    from lmforge import cluster, pipeline
 
     started = []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: started.append(kw["address"]))
-    monkeypatch.setattr(ray._private.services, "find_gcs_addresses",
-                        lambda: frozenset({"127.0.0.1:6379"}))
+    monkeypatch.setattr(ray, "init", lambda **kw: started.append(kw))
     pipeline.init_ray()
-    assert started == ["local"]
-    assert "another Ray cluster runs on this machine (127.0.0.1:6379)" in capsys.readouterr().err
-    monkeypatch.setattr(ray._private.services, "find_gcs_addresses", lambda: frozenset())
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # joining a cluster: no warning
+    (options,) = started
+    port = options["dashboard_port"]
+    assert options["address"] == "local" and options["dashboard_host"] == "127.0.0.1"
+    assert options["runtime_env"] == {"env_vars": {cluster.STATE_API_ENV:
+                                                   f"http://127.0.0.1:{port}"}}
+
+    # A caller's own values win, and its other env_vars are kept.
+    mine = cluster.private_cluster_options({"dashboard_port": 1234, "runtime_env": {
+        "env_vars": {"A": "1"}, "pip": ["x"]}})
+    assert mine["runtime_env"] == {"pip": ["x"], "env_vars": {
+        "A": "1", cluster.STATE_API_ENV: "http://127.0.0.1:1234"}}
+    assert cluster.private_cluster_options({"include_dashboard": False}) == {
+        "include_dashboard": False}
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # joining a cluster: as it is
     pipeline.init_ray()
-    assert started == ["local", "127.0.0.1:6379"] and capsys.readouterr().err == ""
+    assert started[1] == {"address": "127.0.0.1:6379", "log_to_driver": True}
