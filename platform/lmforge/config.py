@@ -133,9 +133,12 @@ class ModelConfig(Section):
     positions, GELU MLP, LayerNorm) or `llama` (RoPE, SwiGLU MLP, RMSNorm, grouped-query
     attention). Ignored when `pretrained` is set."""
     pretrained: str | None = None
-    """A local Hugging Face `AutoModelForCausalLM` directory (or a hub id, with a network) to
-    fine-tune instead of a random init; weights load from safetensors only. Pair it with
-    `tokenizer.kind: pretrained` and `tokenizer.path` naming the same model."""
+    """The model to fine-tune instead of a random init: a local Hugging Face
+    `AutoModelForCausalLM` directory, a model lmforge registered (`models:/NAME@ALIAS`, pinned
+    to the version the alias names when the run starts, or `models:/NAME/VERSION`; every
+    worker downloads it from the run's MLflow registry), or a hub id (with a network);
+    weights load from safetensors only. Pair it with `tokenizer.kind: pretrained` and
+    `tokenizer.path` naming the same model."""
     n_layer: int = Field(4, gt=0)
     """Transformer blocks."""
     n_head: int = Field(4, gt=0)
@@ -167,6 +170,28 @@ class ModelConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    r: int = Field(8, gt=0)
+    """Rank of each adapter's two factors (A: r x in, B: out x r)."""
+    alpha: float = Field(16.0, gt=0)
+    """Scale of the adapter's update: it is multiplied by alpha / r, so changing `r` at a
+    fixed `alpha` keeps the update's size (and the learning rate that suits it) similar."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input."""
+    target_modules: list[str] | None = None
+    """Names of the linear layers that get adapters (a layer matches when its name ends
+    with one of these). Unset: every attention and MLP projection of the architecture:
+    GPT-2 `c_attn`, `c_proj`, `c_fc`; Llama `q_proj`, `k_proj`, `v_proj`, `o_proj`,
+    `gate_proj`, `up_proj`, `down_proj`."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or any(not m for m in v)):
+            raise ValueError("must name at least one module, with no empty names")
+        return v
+
+
 class TrainConfig(Section):
     workers: int = Field(2, gt=0)
     """Ray Train workers (data-parallel ranks)."""
@@ -180,6 +205,16 @@ class TrainConfig(Section):
     gradients; `fsdp` shards parameters, gradients and optimizer state across workers
     (FSDP2 `fully_shard` per transformer block, then the root). Both run on CPU (gloo) and
     GPU (nccl)."""
+    method: Literal["full", "lora", "qlora"] = "full"
+    """What training updates: `full` (every weight), `lora` (low-rank adapters on the
+    layers `train.lora` names, the base weights frozen: only the adapters are trained, in
+    the optimizer and in checkpoints; the registered model is the base with the adapters
+    merged in) or `qlora` (`lora` over a base quantised to 4 bits: needs
+    `train.use_gpu: true` and the `bitsandbytes` package, and is refused elsewhere). Usually
+    with `model.pretrained`: adapters on a random base learn little."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    """Adapter settings for `method: lora|qlora` (`train.lora.r`, ...; searchable like any
+    field)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Compute dtype. `bf16`/`fp16` run the forward pass under autocast (FSDP: a mixed
     precision policy) with fp32 master weights; `fp16` adds a gradient scaler."""
@@ -253,6 +288,10 @@ class TrainConfig(Section):
                 f"train.warmup_steps ({self.warmup_steps}) must be less than train.steps "
                 f"({self.steps})"
             )
+        if self.method == "qlora" and not self.use_gpu:
+            raise ValueError("train.method: 'qlora' quantises the base model with bitsandbytes, "
+                             "which needs a GPU: set train.use_gpu: true, or use "
+                             "train.method: lora on CPU")
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
         return self
@@ -529,11 +568,17 @@ class JobSpec(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
+    def _adapters_have_a_base(self) -> JobSpec:
+        if self.train.method != "full" and not self.model.pretrained:
+            raise ValueError(f"train.method: {self.train.method!r} trains adapters on a "
+                             "pretrained base: set model.pretrained (a local Hugging Face "
+                             "directory, models:/NAME@ALIAS or models:/NAME/VERSION)")
+        return self
+
+    @model_validator(mode="after")
     def _search_paths_exist(self) -> JobSpec:
         for key, dim in self.tune.search_space.items():
-            section, _, field = key.partition(".")
-            owner = getattr(self, section, None)
-            if not field or not isinstance(owner, Section) or field not in type(owner).model_fields:
+            if not _is_field_path(self, key):
                 raise ValueError(f"tune.search_space: {key!r} is not a spec field path")
             if isinstance(dim, LogUniform | Uniform | IntRange) and dim.low >= dim.high:
                 raise ValueError(f"tune.search_space.{key}: low must be less than high")
@@ -545,6 +590,18 @@ class JobSpec(Section):
         for key, value in values.items():
             _set_dotted(raw, key, value)
         return JobSpec.model_validate(raw)
+
+
+def _is_field_path(spec: JobSpec, key: str) -> bool:
+    """Whether a dotted path (`train.lr`, `train.lora.r`) names a leaf field of the spec:
+    it goes through sections only and ends at a field that is not one."""
+    node: Any = spec
+    parts = key.split(".")
+    for part in parts:
+        if not isinstance(node, Section) or part not in type(node).model_fields:
+            return False
+        node = getattr(node, part)
+    return len(parts) > 1 and not isinstance(node, Section)
 
 
 _SEARCH_SPACE = "tune.search_space."
@@ -703,13 +760,24 @@ def spec_reference() -> str:
         model = field.annotation
         out += [f"#### `{section}`", "", "| field | type | default | meaning |",
                 "| --- | --- | --- | --- |"]
-        for name, f in model.model_fields.items():
-            kind = _type_name(f.annotation).replace("|", "\\|")
-            default = f.default_factory() if f.default_factory else f.default
-            doc = " ".join((f.description or "").split()).replace("|", "\\|")
-            out.append(f"| `{section}.{name}` | {kind} | `{default!r}` | {doc} |")
+        out += _reference_rows(section, model)
         out.append("")
     return "\n".join(out)
+
+
+def _reference_rows(prefix: str, model: type[BaseModel]) -> list[str]:
+    """One row per field; a nested section (`train.lora`) gets a row, then its fields'."""
+    rows = []
+    for name, f in model.model_fields.items():
+        nested = isinstance(f.annotation, type) and issubclass(f.annotation, Section)
+        kind = "section" if nested else _type_name(f.annotation).replace("|", "\\|")
+        default = "" if nested else \
+            f"`{(f.default_factory() if f.default_factory else f.default)!r}`"
+        doc = " ".join((f.description or "").split()).replace("|", "\\|")
+        rows.append(f"| `{prefix}.{name}` | {kind} | {default} | {doc} |")
+        if nested:
+            rows += _reference_rows(f"{prefix}.{name}", f.annotation)
+    return rows
 
 
 def _type_name(annotation: Any) -> str:

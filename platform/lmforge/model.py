@@ -15,10 +15,16 @@ from transformers import (
 from lmforge.config import ModelConfig
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PreTrainedModel:
-    """The model to train, on the CPU in fp32. Seed torch first: the init is random."""
+def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int,
+                tracking_uri: str | None = None) -> PreTrainedModel:
+    """The model to train, on the CPU in fp32. Seed torch first: the init is random.
+    A `models:/` `model.pretrained` is downloaded from `tracking_uri`'s registry (once per
+    machine)."""
     if cfg.pretrained:
-        return load_pretrained(cfg.pretrained, vocab_size, cfg.attn_implementation)
+        from lmforge.registry import local_model_dir  # MLflow only when a URI needs it
+
+        return load_pretrained(local_model_dir(cfg.pretrained, tracking_uri, "model.pretrained"),
+                               vocab_size, cfg.attn_implementation)
     if cfg.arch == "llama":
         config = LlamaConfig(
             vocab_size=vocab_size,
@@ -68,6 +74,8 @@ def load_pretrained(path: str, vocab_size: int, attn_implementation: str) -> Pre
 
 def transformer_blocks(model: PreTrainedModel) -> list:
     """The repeated blocks (FSDP shards and activation checkpointing act per block)."""
+    if hasattr(model, "get_base_model"):  # a peft model: the blocks of the model it adapts
+        model = model.get_base_model()
     base = model.base_model
     blocks = getattr(base, "h", None) or getattr(base, "layers", None)
     if blocks is None:
@@ -81,15 +89,22 @@ def count_parameters(model: PreTrainedModel) -> int:
 
 def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the matmuls of forward + backward, plus attention's
-    12 * layers * width * seq_len (the PaLM paper's appendix B estimate, as in nanoGPT)."""
+    12 * layers * width * seq_len (the PaLM paper's appendix B estimate, as in nanoGPT).
+    A frozen weight (LoRA's base) costs 4 per token, not 6: its backward computes the input's
+    gradient but not its own."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()  # peft: the adapted model, adapters included
     cfg = model.config
     # Learned position embeddings are a lookup, not a matmul; token embeddings stay in N
     # because the (tied) output projection is a matmul with them.
     wpe = getattr(model.base_model, "wpe", None)
     n = count_parameters(model) - (wpe.weight.numel() if wpe is not None else 0)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    if wpe is not None and not wpe.weight.requires_grad:
+        frozen -= wpe.weight.numel()
     layers = cfg.num_hidden_layers
     width = cfg.hidden_size
-    return 6 * n + 12 * layers * width * seq_len
+    return 6 * n - 2 * frozen + 12 * layers * width * seq_len
 
 
 def _swiglu_width(n_embd: int) -> int:

@@ -22,9 +22,19 @@ import httpx
 
 from lmforge.capacity import Demand, ensure_fits
 from lmforge.cluster import init_ray
-from lmforge.config import JobSpec, resolve_tracking_uri
+from lmforge.config import JobSpec, TokenizerConfig, resolve_tracking_uri
 from lmforge.data import PreparedData, prepare_data
-from lmforge.registry import SPEC_TAG, Registered, by_alias, promote, register, spec_tag
+from lmforge.registry import (
+    SPEC_TAG,
+    Registered,
+    by_alias,
+    is_model_uri,
+    local_model_dir,
+    pinned,
+    promote,
+    register,
+    spec_tag,
+)
 from lmforge.runs import NamedRun, RunState, require_shared_storage
 from lmforge.serve import deploy, serving_app, with_secrets
 from lmforge.tracking import RunTracker, experiment_id, flatten, lineage_tags, record_failure
@@ -112,7 +122,9 @@ def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs"),
     # On several hosts every path must be shared: refused here, before the data stage
     # writes a local cache other hosts cannot read, or any worker starts.
     require_shared_storage(spec, stages.search)
-    data = prepare_data(spec.data, spec.tokenizer, spec.model.block_size)
+    spec, tokenizer = _registered_base(
+        spec, recorded.tracking_uri if recorded else resolve_tracking_uri(spec.tracking, runs_dir))
+    data = prepare_data(spec.data, tokenizer, spec.model.block_size)
     print(f"[lmforge] data {data.fingerprint}: {data.train_tokens:,} train / "
           f"{data.val_tokens:,} validation tokens, vocab {data.vocab_size}", flush=True)
     tags = lineage_tags(data.fingerprint, f"{spec.tokenizer.kind}, vocab {data.vocab_size}")
@@ -136,6 +148,22 @@ def execute(spec: JobSpec, stages: Stages, runs_dir: Path = Path("runs"),
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str))
     return summary
+
+
+def _registered_base(spec: JobSpec, tracking_uri: str) -> tuple[JobSpec, TokenizerConfig]:
+    """A registered model to fine-tune (`models:/NAME@ALIAS`) pinned to the version its
+    alias names now, so every worker, restart and the final merge use that one; and the
+    tokenizer settings the data stage gets: a registered tokenizer as a local copy (the
+    stage, on this machine, reads it; workers get the data's own copy of it)."""
+    model, tok = spec.model, spec.tokenizer
+    if is_model_uri(model.pretrained):
+        model = model.model_copy(update={"pretrained": pinned(model.pretrained, tracking_uri)})
+    if tok.kind == "pretrained" and is_model_uri(tok.path):
+        path = pinned(tok.path, tracking_uri)
+        spec = spec.model_copy(update={"tokenizer": tok.model_copy(update={"path": path})})
+        tok = tok.model_copy(update={"path": local_model_dir(path, tracking_uri,
+                                                             "tokenizer.path")})
+    return spec.model_copy(update={"model": model}), tok
 
 
 def _may_start(spec: JobSpec, named: NamedRun, resume: bool) -> RunState | None:

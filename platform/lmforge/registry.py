@@ -5,8 +5,11 @@ back for serving (safetensors only)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata as md
 import json
+import os
+import shutil
 import tempfile
 import threading
 import time
@@ -29,6 +32,7 @@ from lmforge.config import JobSpec, RegistryConfig, SpecError
 from lmforge.data import PreparedData
 from lmforge.data.blocks import ShardSet
 from lmforge.tracking import RunTracker
+from lmforge.train.lora import ADAPTER_DIR, base_of
 
 # Pinned to what is installed: MLflow's default requirement probing imports torchvision,
 # which this CPU stack does not have, and fails.
@@ -56,7 +60,9 @@ class Registered:
 def register(checkpoint_dir: str, tracker: RunTracker, cfg: RegistryConfig,
              tags: dict[str, Any], max_new_tokens: int) -> Registered:
     """Log the checkpoint under `tracker`'s run, register a new version, point `cfg.alias`
-    (the candidate) at it. The champion alias moves only through `promote`.
+    (the candidate) at it. The champion alias moves only through `promote`. A LoRA run's
+    checkpoint is its merged export: the adapter in it (`adapter/`) is logged beside the
+    model, and the version is tagged with the base it was trained on and the adapter's URI.
 
     `max_new_tokens` becomes the pyfunc default: without it MLflow's text generation runs
     past a small model's context. Safe to call from several threads or processes at once:
@@ -78,6 +84,11 @@ def register(checkpoint_dir: str, tracker: RunTracker, cfg: RegistryConfig,
             model_config={"max_new_tokens": max_new_tokens, "do_sample": False},
             registered_model_name=cfg.model_name,
         )
+        adapter = Path(checkpoint_dir) / ADAPTER_DIR
+        if adapter.is_dir():  # a LoRA run: the merged model above, its adapter beside it
+            mlflow.log_artifacts(str(adapter), ADAPTER_DIR)
+            tags = tags | {"lmforge.method": "lora", "lmforge.base_model": base_of(adapter),
+                           "lmforge.adapter_uri": f"runs:/{tracker.run_id}/{ADAPTER_DIR}"}
     version = int(info.registered_model_version)
     client = MlflowClient(tracker.uri)
     for key, value in tags.items():
@@ -182,6 +193,68 @@ def _load_dir(model_dir: Path, tokenizer_dir: Path) -> tuple[PreTrainedModel,
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+# --- registered models as a base to fine-tune ---------------------------------------
+
+
+def is_model_uri(value: str | None) -> bool:
+    return bool(value) and value.startswith("models:/")
+
+
+def pinned(uri: str, tracking_uri: str | None) -> str:
+    """`models:/NAME@ALIAS` as the `models:/NAME/VERSION` it points at now (other values
+    unchanged), so every worker, restart and merge of a run uses the same version however
+    the alias moves meanwhile."""
+    if not is_model_uri(uri) or "@" not in uri:
+        return uri
+    name, alias = uri.removeprefix("models:/").split("@", 1)
+    return f"models:/{name}/{by_alias(name, alias, tracking_uri).version}"
+
+
+def local_model_dir(uri: str, tracking_uri: str | None, field: str,
+                    root: Path | None = None) -> str:
+    """A local Hugging Face directory (model and tokenizer) for `uri`: a local path or hub
+    id as it is, a registered `models:/NAME/VERSION` (or `@ALIAS`) downloaded once per
+    machine into `root` (default: the temp directory) and reused.
+
+    Several workers on one machine may ask at once: each downloads to its own temporary
+    sibling and renames it into place; the first rename wins, the others use it."""
+    if not is_model_uri(uri):
+        return uri
+    if not tracking_uri:
+        raise ValueError(f"{field}: {uri!r} is a registry URI, but this process has no "
+                         "MLflow tracking URI to resolve it with")
+    uri = pinned(uri, tracking_uri)
+    name, _, version = uri.removeprefix("models:/").partition("/")
+    where = hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]
+    target = (root or Path(tempfile.gettempdir()) / "lmforge-models") / where / name / version
+    if (target / "config.json").exists():
+        return str(target)
+    import mlflow
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
+    try:
+        mlflow.set_tracking_uri(tracking_uri)
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
+        except MlflowException as e:
+            raise ValueError(f"{field}: cannot download {uri!r} from {tracking_uri}: "
+                             f"{e.message}") from None
+        # The transformers flavor: weights in model/, the tokenizer in components/tokenizer/.
+        flat = tmp / "hf"
+        shutil.copytree(local / "model", flat)
+        if (local / "components" / "tokenizer").is_dir():
+            shutil.copytree(local / "components" / "tokenizer", flat, dirs_exist_ok=True)
+        try:
+            os.rename(flat, target)
+        except OSError:  # another process got there first (the target exists): use it
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
 
 
 # --- promotion gate -------------------------------------------------------------------

@@ -10,6 +10,8 @@ never picks; `trainer_state.json` is written last and checked on load as a secon
                                       (torch.distributed.checkpoint); `export_hf` turns them
                                       into one Hugging Face directory
     optimizer.pt                      DDP, rank 0: optimizer and grad-scaler state
+    adapter_model.safetensors,        LoRA (any strategy), rank 0: the adapter only, and
+    adapter_config.json, optimizer.pt   its optimizer state; the base is `model.pretrained`
     rng_rank{N}.pt                    every rank: its torch (and CUDA) RNG state
     trainer_state.json                rank 0: step, metrics, attempt, early-stopping state
     SET_ASIDE.json                    written later, only to a checkpoint that failed to load:
@@ -47,6 +49,14 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from lmforge.train.lora import (
+    base_of,
+    is_adapter_checkpoint,
+    is_lora,
+    load_adapter,
+    merge,
+    save_adapter,
+)
 from lmforge.train.parallel import Parallel
 
 STATE_FILE = "trainer_state.json"
@@ -70,12 +80,18 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, par: Parallel
     Train merges with the other ranks' into one checkpoint in storage)."""
     d = Path(directory)
     raw = par.unwrap(model)
-    if par.fsdp:
+    if is_lora(par.cfg):
+        # The adapter only (and its optimizer state): the base comes back from
+        # `model.pretrained` on a restart, as it did at the start.
+        save_adapter(d, model, optimizer, raw, rank, OPTIMIZER_FILE)
+    elif par.fsdp:
         # Collective: every rank writes its own shards (and rank 0 the metadata).
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=d / DCP_DIR)
     if rank == 0:
-        if par.fsdp:
+        if is_lora(par.cfg):
+            pass  # config.json and optimizer.pt written with the adapter
+        elif par.fsdp:
             raw.config.save_pretrained(d)
         else:
             raw.save_pretrained(d)  # model.safetensors + config.json
@@ -95,7 +111,17 @@ def load_checkpoint(directory: str | Path, model: torch.nn.Module, par: Parallel
     if not (d / STATE_FILE).exists():
         raise IncompleteCheckpoint(f"{d} has no {STATE_FILE}: it was never finished")
     state = json.loads((d / STATE_FILE).read_text())
-    if par.fsdp:
+    if is_lora(par.cfg):
+        if not is_adapter_checkpoint(d):
+            raise ValueError(f"{d} holds a whole model, not an adapter: it was written by a "
+                             "run with another train.method")
+        trained_on, base = base_of(d), par.unwrap(model).peft_config["default"] \
+            .base_model_name_or_path
+        if trained_on != base:
+            raise ValueError(f"{d}: its adapter was trained on {trained_on!r}, this run's "
+                             f"model.pretrained is {base!r}")
+        load_adapter(d, model, optimizer, par.device, OPTIMIZER_FILE)
+    elif par.fsdp:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         sd = {"model": model_sd, "optim": optim_sd}
         _safe_dcp_load(sd, d / DCP_DIR)  # reshards if the world size changed
@@ -233,9 +259,12 @@ def checkpoint_dir_name(step: int, taken: Sequence[str]) -> str:
     return name
 
 
-def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+def export_hf(checkpoint_dir: str | Path, out_dir: str | Path,
+              tracking_uri: str | None = None) -> Path:
     """One Hugging Face directory (safetensors, config, tokenizer) from any checkpoint: a
-    copy for DDP, a gather of the FSDP shards (single process, no cluster needed) for FSDP.
+    copy for DDP, a gather of the FSDP shards (single process, no cluster needed) for FSDP,
+    the base with the adapter merged in for LoRA (the adapter's files kept in `adapter/`;
+    a `models:/` base is fetched from `tracking_uri`'s registry).
     Written to a temp sibling and renamed, so `out_dir` is complete or absent."""
     src, out = Path(checkpoint_dir), Path(out_dir)
     if not (src / "config.json").exists():
@@ -245,7 +274,13 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        if (src / DCP_DIR).is_dir():
+        if is_adapter_checkpoint(src):
+            from lmforge.registry import local_model_dir
+
+            base = base_of(src)
+            merge(local_model_dir(base, tracking_uri, "model.pretrained"), src, tmp)
+            _copy_tokenizer(src, tmp)
+        elif (src / DCP_DIR).is_dir():
             config = AutoConfig.from_pretrained(src)
             model: PreTrainedModel = AutoModelForCausalLM.from_config(config)
             sd = {"model": model.state_dict()}
@@ -253,10 +288,7 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
             model.load_state_dict(sd["model"])
             model.tie_weights()
             model.save_pretrained(tmp)
-            for f in src.iterdir():  # tokenizer and generation files
-                if f.is_file() and not f.name.startswith(("rng_rank", "trainer_state", "config",
-                                                                "SET_ASIDE")):
-                    shutil.copy2(f, tmp / f.name)
+            _copy_tokenizer(src, tmp)
         else:
             for f in src.iterdir():
                 if f.is_file() and f.name.endswith((".json", ".safetensors", ".txt", ".model")) \
@@ -269,6 +301,14 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _copy_tokenizer(src: Path, out: Path) -> None:
+    """The checkpoint's tokenizer and generation files (not its weights or trainer files)."""
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith(("rng_rank", "trainer_state", "config",
+                                                  "SET_ASIDE", "adapter_", "optimizer")):
+            shutil.copy2(f, out / f.name)
 
 
 def _rng_state(par: Parallel) -> dict[str, torch.Tensor]:

@@ -35,6 +35,7 @@ from lmforge.train.checkpoint import (
     resume_from,
     save_checkpoint,
 )
+from lmforge.train.lora import apply_lora, describe, is_lora
 from lmforge.train.parallel import Parallel
 from lmforge.train.preempt import StopCheck, watch
 from lmforge.train.step import (
@@ -102,8 +103,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     say(f"[lmforge] rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} "
         f"({device}, {torch.get_num_threads()} threads, {cfg.strategy}, {cfg.precision})")
 
-    torch.manual_seed(cfg.seed)  # identical init on every rank
-    model = par.wrap(build_model(spec.model, data.vocab_size, data.eos_id))
+    torch.manual_seed(cfg.seed)  # identical init on every rank (adapters included)
+    base = build_model(spec.model, data.vocab_size, data.eos_id,
+                       tracker.uri if tracker is not None else None)
+    if is_lora(cfg):  # the base frozen; only the adapters train, sit in the optimizer, save
+        base = apply_lora(base, cfg, spec.model.pretrained)
+    model = par.wrap(base)
     raw = par.unwrap(model)
     optimizer = make_optimizer(model, cfg, device)
     torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own (dropout) stream
@@ -132,7 +137,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     flops_per_step = flops_per_token(raw, spec.model.block_size) * tokens_per_step
     peak = peak_flops(cfg, device)
     if log is not None and state.step == 0:
-        log.log_params({"model.parameters": count_parameters(raw),
+        log.log_params({"model.parameters": count_parameters(raw), **describe(raw),
                         "train.global_batch_sequences": tokens_per_step // spec.model.block_size,
                         "train.tokens_per_step": tokens_per_step})
     run_id = tracker.run_id if tracker else ""

@@ -29,6 +29,7 @@ from lmforge.storage import resolve
 from lmforge.tracking import RunTracker
 from lmforge.train.checkpoint import DCP_DIR, export_hf, set_aside_reason
 from lmforge.train.loop import StepHook, say, train_fn_per_worker
+from lmforge.train.lora import check_supported, is_adapter_checkpoint
 from lmforge.train.preempt import Preempted, Preemption
 
 
@@ -92,6 +93,7 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
                   preemption: Preemption | None = None) -> TorchTrainer:
     cfg = spec.train
     require_shared_storage(spec, search=False)  # a multi-host run needs shared paths
+    check_supported(cfg)  # a method this cluster cannot run fails here, not in every worker
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"spec": spec, "data": data, "tracker": tracker,
@@ -143,8 +145,9 @@ def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, 
     best = best_intact(result.best_checkpoints)
     if best is None:
         raise RuntimeError(f"training run {name!r} reported no checkpoint that loads")
+    checkpoint = hf_directory(best, tracker.uri if tracker else None)
     return TrainOutcome(steps=m["step"], val_loss=m["val_loss"], best_val_loss=m["best_val_loss"],
-                        tokens_per_s=m["tokens_per_s"], checkpoint=hf_directory(best),
+                        tokens_per_s=m["tokens_per_s"], checkpoint=checkpoint,
                         attempts=m["attempt"], resumed_from_step=m["resumed_from_step"],
                         stopped_early=m.get("stopped_early", False),
                         tracking_dropped=m.get("tracking_dropped", 0))
@@ -157,12 +160,14 @@ def best_intact(checkpoints: Sequence[tuple[Checkpoint, dict[str, Any]]]) -> Che
     return next((c for c, _ in ranked if set_aside_reason(c) is None), None)
 
 
-def hf_directory(checkpoint: Checkpoint) -> str:
+def hf_directory(checkpoint: Checkpoint, tracking_uri: str | None = None) -> str:
     """A local Hugging Face directory for a reported checkpoint: the checkpoint itself for
-    DDP on local storage, else an export next to it (FSDP shards gathered into one file)."""
+    DDP on local storage, else an export next to it (FSDP shards gathered into one file; a
+    LoRA adapter merged into its base, fetched through `tracking_uri` when registered)."""
     local = checkpoint.filesystem.type_name == "local"
-    if local and not (Path(checkpoint.path) / DCP_DIR).is_dir():
+    if local and not (Path(checkpoint.path) / DCP_DIR).is_dir() \
+            and not is_adapter_checkpoint(Path(checkpoint.path)):
         return checkpoint.path
     with checkpoint.as_directory() as d:
         root = Path(checkpoint.path).parent if local else Path("runs") / "exports"
-        return str(export_hf(d, root / "hf" / Path(checkpoint.path).name))
+        return str(export_hf(d, root / "hf" / Path(checkpoint.path).name, tracking_uri))

@@ -206,7 +206,8 @@ def run_search(spec: JobSpec, data: PreparedData, parent: RunTracker | None,
     # The best checkpoint as a local Hugging Face directory (downloaded from an object
     # store, FSDP shards gathered): what registering it needs.
     best = dataclasses.replace(best, checkpoint=hf_directory(
-        Checkpoint(best.checkpoint, filesystem=train_storage.fs)))
+        Checkpoint(best.checkpoint, filesystem=train_storage.fs),
+        parent.uri if parent is not None else None))
     outcome = SearchOutcome(best=best, trials=trials, pareto=pareto)
     if parent is not None:
         log_search(parent, spec, outcome)
