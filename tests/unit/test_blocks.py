@@ -205,26 +205,12 @@ def test_tiny_validation_split_is_shared_by_many_ranks(write_entry):
 
 
 @pytest.fixture
-def s3(monkeypatch, tmp_path):
-    """An in-process moto S3 server (a thread, no Ray), the environment pointing pyarrow at
-    it, and a private read-through cache; yields a bucket URI."""
-    import pyarrow.fs
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true",
-           "LMFORGE_REMOTE_CACHE": str(tmp_path / "remote-cache")}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    pyarrow.fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing",
-                            secret_key="testing", region="us-east-1",
-                            allow_bucket_creation=True).create_dir("lmf-data")
-    yield "s3://lmf-data"
-    server.stop()
+def s3(s3_env, monkeypatch, tmp_path):
+    """A new bucket on the session's moto S3 server (`s3_env`, tests/ray_fixtures.py: a
+    subprocess, no Ray), pyarrow pointed at it, and a private read-through cache; yields
+    the bucket's URI."""
+    monkeypatch.setenv("LMFORGE_REMOTE_CACHE", str(tmp_path / "remote-cache"))
+    return s3_env.bucket()
 
 
 def downloaded(tmp_path) -> list[str]:
