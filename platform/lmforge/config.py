@@ -261,6 +261,15 @@ class TrainConfig(Section):
     """Steps between checkpoints (default `eval_every`); each one also evaluates, so every
     checkpoint has a validation loss to rank it by. A killed worker redoes at most this
     many steps."""
+    samples: int = Field(3, ge=0, le=32)
+    """Completions logged to MLflow at each evaluation (a table `samples.json`: step, prompt,
+    completion), greedy, by rank 0: the first this many held-out examples' prompts
+    (instruction/chat data) or validation blocks' opening tokens (text). 0 turns them off."""
+    sample_prompts: list[str] | None = None
+    """Fixed prompts for the samples instead of held-out ones (for instruction/chat data each
+    is a user turn, rendered by the chat template as `/v1/chat/completions` does)."""
+    sample_max_tokens: int = Field(32, gt=0, le=512)
+    """New tokens per sample at most (a completion also ends at the end-of-text token)."""
     seed: int = 1337
     """Seed for initialisation and data order."""
     storage_path: str = "runs/ray"

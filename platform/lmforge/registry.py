@@ -31,6 +31,7 @@ from transformers import (
 from lmforge.config import JobSpec, RegistryConfig, SpecError
 from lmforge.data import PreparedData
 from lmforge.data.blocks import ShardSet
+from lmforge.data.chat import LOSS, POSITIONS, TOKENS
 from lmforge.tracking import RunTracker
 from lmforge.train.lora import ADAPTER_DIR, base_of
 
@@ -309,6 +310,73 @@ def loss_per_char(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, te
     return total / (y.numel() * chars_per_token)
 
 
+Segments = list[tuple[str, bool]]
+"""One held-out example as text pieces, each flagged when it is the assistant's."""
+
+
+def heldout_examples(data: PreparedData, max_chars: int) -> list[Segments]:
+    """Held-out instruction/chat examples as text (decoded with the entry's tokenizer, its
+    special tokens kept), in order, until their assistant text reaches `max_chars`: every
+    version is scored on the same characters, whatever its tokenizer. An example ends with
+    its last assistant piece (what follows carries no loss; a row's padding is there)."""
+    tokenizer = data.tokenizer()
+    shards = ShardSet(data, "validation", block_size=data.manifest.block_size or 1)
+    out: list[Segments] = []
+    chars = 0
+    for i in range(len(shards.shards)):
+        for row in shards.array(i):
+            tokens, positions, loss = (row[c].tolist() for c in (TOKENS, POSITIONS, LOSS))
+            starts = [j for j, p in enumerate(positions) if p == 0] + [len(positions)]
+            for a, b in zip(starts, starts[1:], strict=False):
+                pieces: list[tuple[list[int], bool]] = []
+                for j in range(a, b):
+                    if pieces and pieces[-1][1] == bool(loss[j]):
+                        pieces[-1][0].append(tokens[j])
+                    else:
+                        pieces.append(([tokens[j]], bool(loss[j])))
+                while pieces and not pieces[-1][1]:
+                    pieces.pop()
+                if not pieces:
+                    continue
+                example = [(tokenizer.decode(ids), flag) for ids, flag in pieces]
+                out.append(example)
+                chars += sum(len(text) for text, flag in example if flag)
+                if chars >= max_chars:
+                    return out
+    return out
+
+
+@torch.no_grad()
+def loss_per_assistant_char(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                            examples: list[Segments]) -> float:
+    """Next-token loss on the assistant's text only, in nats per character of it: the
+    gate's score for instruction/chat data. Each piece is encoded with the version's own
+    tokenizer; an example longer than the model's context keeps its first context tokens."""
+    context = int(getattr(model.config, "n_positions", 0) or model.config.max_position_embeddings)
+    total, chars = 0.0, 0
+    model.eval()
+    for example in examples:
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, assistant in example:
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if assistant:  # its characters, or the share of them within the context
+                kept = max(0, min(len(piece), context + 1 - len(ids)))
+                chars += round(len(text) * kept / max(1, len(piece)))
+            ids += piece
+            labels += piece if assistant else [-100] * len(piece)
+        ids, labels = ids[:context + 1], labels[:context + 1]
+        if len(ids) < 2:
+            continue
+        logits = model(input_ids=torch.tensor([ids[:-1]]), use_cache=False).logits
+        total += F.cross_entropy(logits[0], torch.tensor(labels[1:]), ignore_index=-100,
+                                 reduction="sum").item()
+    if chars == 0:
+        raise ValueError("the held-out examples hold no assistant text to score; raise "
+                         "registry.eval_chars or data.val_fraction")
+    return total / chars
+
+
 def _version_by_alias(client: MlflowClient, name: str, alias: str) -> Any | None:
     try:
         return client.get_model_version_by_alias(name, alias)
@@ -332,11 +400,16 @@ def promote(name: str, data: PreparedData, cfg: RegistryConfig, tracking_uri: st
         raise PromotionError(f"model {name!r} has no version with alias {cfg.alias!r}; "
                              f"register one first (lmforge train|tune)")
     champion = _version_by_alias(client, name, cfg.champion_alias)
-    text = heldout_text(data, cfg.eval_chars)
+    # Instruction/chat data: the loss on the assistant's held-out replies; text: on text.
+    examples = heldout_examples(data, cfg.eval_chars) if data.manifest.rows else None
+    text = heldout_text(data, cfg.eval_chars) if examples is None else "".join(
+        piece for example in examples for piece, assistant in example if assistant)
 
     def score(version: str) -> float:
         with tempfile.TemporaryDirectory(prefix="lmforge-gate-") as tmp:
             loaded = load_model(f"models:/{name}/{version}", tracking_uri, dst=tmp)
+        if examples is not None:
+            return loss_per_assistant_char(loaded.model, loaded.tokenizer, examples)
         return loss_per_char(loaded.model, loaded.tokenizer, text)
 
     cand_loss = score(candidate.version)

@@ -211,8 +211,8 @@ class BufferStats:
 
 
 class TrackingBuffer:
-    """Metrics and params of one MLflow run, queued by the step loop and sent by a
-    background thread.
+    """Metrics, params and tables (`log_table`: the samples) of one MLflow run, queued by the
+    step loop and sent by a background thread.
 
     `log_metrics` and `log_params` never block on MLflow and never raise for it: they
     append to a queue and return. The sender thread sends in order, merging queued metric
@@ -233,7 +233,8 @@ class TrackingBuffer:
         self._client = client
         self._capacity = capacity
         self._retry_s, self._max_retry_s = retry_s, max_retry_s
-        self._queue: deque[tuple[str, list[Any]]] = deque()  # ("metrics"|"params", items)
+        # ("metrics" | "params" | "table", items), in the order they were logged
+        self._queue: deque[tuple[str, list[Any]]] = deque()
         self._queued = 0  # metric values in the queue
         self._in_flight: tuple[str, list[Any]] | None = None  # taken off, not yet sent
         self._cond = threading.Condition()
@@ -273,6 +274,14 @@ class TrackingBuffer:
         with self._cond:
             for i in range(0, len(items), 100):  # MLflow's per-request limit on params
                 self._queue.append(("params", items[i : i + 100]))
+            self._cond.notify()
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """Rows appended to a table artifact (MLflow's `log_table` appends), sent in order
+        with the metrics; never dropped past the bound (a table is queued once per
+        evaluation), given up on only at `close`'s deadline."""
+        with self._cond:
+            self._queue.append(("table", [(rows, artifact_file)]))
             self._cond.notify()
 
     def _drop_oldest(self) -> bool:
@@ -327,6 +336,11 @@ class TrackingBuffer:
             try:
                 if kind == "params":
                     self._client.log_batch(self.run_id, params=items)
+                elif kind == "table":
+                    import pandas as pd
+
+                    rows, artifact_file = items[0]
+                    self._client.log_table(self.run_id, pd.DataFrame(rows), artifact_file)
                 else:
                     self._client.log_batch(self.run_id, metrics=items)
             except Exception as e:  # whatever MLflow or the network raises: retry later

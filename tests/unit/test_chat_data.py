@@ -240,7 +240,8 @@ def test_a_template_without_generation_is_refused_and_a_jinja_file_is_read(tmp_p
     with pytest.raises(ValueError, match="data.chat_template: the template marks no"):
         chat_entry(tmp_path, chat_records(5), chat_template=str(plain))
     good = tmp_path / "good.jinja"
-    good.write_text(chat.DEFAULT_CHAT_TEMPLATE.replace("<|user|>", "USER"))
+    good.write_text(chat.DEFAULT_CHAT_TEMPLATE.replace("<|{{ message['role'] }}|>",
+                                                       "{{ message['role'] }}:"))
     result, _ = chat_entry(tmp_path, chat_records(5), chat_template=str(good))
     tok = AutoTokenizer.from_pretrained(Path(result.entry) / "tokenizer")
     assert tok.chat_template == good.read_text()
@@ -280,3 +281,57 @@ def test_validation_loss_is_on_assistant_tokens_only(tmp_path):
                                                                        rel=1e-5)
     assert sum(s.rows for s in result.manifest.validation) > 1
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_the_promotion_gate_scores_the_held_out_replies(tmp_path):
+    """For instruction/chat data the gate scores the assistant's held-out text only: the
+    same summed loss `evaluate` finds on the rows, over the replies' characters."""
+    from lmforge.registry import heldout_examples, loss_per_assistant_char
+
+    result, _ = chat_entry(tmp_path, chat_records(60))
+    data = stage.PreparedData(result.fingerprint, result.entry, result.manifest)
+    examples = heldout_examples(data, max_chars=10**6)
+    replies = {r["messages"][1]["content"] + EOS for r in chat_records(60)}
+    starts = sum(int((np.load(Path(result.entry) / s.file)[:, chat.POSITIONS] == 0).sum())
+                 for s in result.manifest.validation)
+    assert len(examples) == starts > 1  # every held-out example
+    assert all(ex[-1][1] and ex[-1][0] in replies for ex in examples)
+    assert all(not ex[0][1] and ex[0][0].startswith("<|user|>") for ex in examples)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=72),
+                        data.vocab_size, data.eos_id).eval()
+    per_char = loss_per_assistant_char(model, data.tokenizer(), examples)
+    val = ValidationSet(data, 72, 0, 1, batch_size=64, max_batches=4)
+    per_token = evaluate(model, val, torch.device("cpu"))
+    chars = sum(len(text) for ex in examples for text, flag in ex if flag)
+    tokens = sum(int((y != -100).sum()) for _, y, _ in val)
+    assert per_char * chars == pytest.approx(per_token * tokens, rel=1e-4)
+
+
+def test_the_saved_template_reaches_the_registered_model(tmp_path):
+    """The entry's tokenizer (with the spec's template) goes into every checkpoint; the
+    registered version's tokenizer, which `lmforge serve` loads and whose template
+    `/v1/chat/completions` applies, renders chats exactly as training did."""
+    from lmforge.config import RegistryConfig
+    from lmforge.registry import load_model, register
+    from lmforge.tracking import RunTracker, experiment_id
+
+    template = chat.DEFAULT_CHAT_TEMPLATE.replace("<|{{ message['role'] }}|>",
+                                                  "{{ message['role'] | upper }}:")
+    result, _ = chat_entry(tmp_path, chat_records(20), chat_template=template)
+    data = stage.PreparedData(result.fingerprint, result.entry, result.manifest)
+    checkpoint = tmp_path / "checkpoint"
+    torch.manual_seed(0)
+    build_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=72), data.vocab_size,
+                data.eos_id).save_pretrained(checkpoint)
+    for f in Path(data.tokenizer_dir).iterdir():  # as train.checkpoint copies it
+        (checkpoint / f.name).write_bytes(f.read_bytes())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = RunTracker.start(uri, experiment_id(uri, "chat", tmp_path / "art"), "run")
+    registered = register(str(checkpoint), tracker, RegistryConfig(model_name="chat-tiny"),
+                          {}, max_new_tokens=8)
+    loaded = load_model(registered.uri, uri)
+    assert loaded.tokenizer.chat_template == template
+    turn = [{"role": "user", "content": "hi"}]
+    assert loaded.tokenizer.apply_chat_template(turn, add_generation_prompt=True,
+                                                tokenize=False) == "USER:\nhi\n<|assistant|>\n"

@@ -38,6 +38,7 @@ from lmforge.train.checkpoint import (
 from lmforge.train.lora import apply_lora, describe, is_lora
 from lmforge.train.parallel import Parallel
 from lmforge.train.preempt import StopCheck, watch
+from lmforge.train.samples import ARTIFACT, sample_prompts, sample_rows
 from lmforge.train.step import (
     evaluate,
     lr_at,
@@ -141,6 +142,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                         "train.global_batch_sequences": tokens_per_step // spec.model.block_size,
                         "train.tokens_per_step": tokens_per_step})
     run_id = tracker.run_id if tracker else ""
+    # Samples at each evaluation: decoded by rank 0, or by every rank under FSDP, where each
+    # holds a shard of the weights and every forward pass is a collective.
+    sampling = log is not None or (par.fsdp and tracker is not None)
+    tokenizer = data.tokenizer() if sampling else None
+    prompts = sample_prompts(data, cfg, spec.model.block_size, tokenizer) if sampling else []
     train_time, timed_steps, preempted = 0.0, 0, False
 
     model.train()
@@ -188,6 +194,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if not evaluating:
             continue
         val_loss = evaluate(model, val, device, par)  # all-reduced: every rank agrees
+        if prompts:
+            rows = sample_rows(model if par.fsdp else raw, prompts, done, cfg, tokenizer,
+                               data.eos_id, spec.model.block_size, device, par.autocast,
+                               fsdp=par.fsdp)
+            if log is not None:
+                log.log_table(rows, ARTIFACT)
         state.step = done
         stop = state.record_eval(val_loss, cfg.early_stopping_patience,
                                  cfg.early_stopping_min_delta)
