@@ -199,6 +199,8 @@ anyone; a request still gets 10 s to answer (one slow request holds the sender, 
 loop)."""
 
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per request
+TABLE_ATTEMPTS = 3
+"""Attempts at one table upload before it is given up (tables are best effort)."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,7 @@ class TrackingBuffer:
         self._sent = self._dropped = self._dropped_logged = 0
         self._outage_warned = False
         self._down = False  # the last request failed: MLflow is in an outage
+        self._table_failures = 0  # failed attempts of the table in flight
         self._last_step = 0
         self._thread = threading.Thread(target=self._run, name="lmforge-tracking",
                                         daemon=True)  # never keeps a finished worker alive
@@ -278,8 +281,9 @@ class TrackingBuffer:
 
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         """Rows appended to a table artifact (MLflow's `log_table` appends), sent in order
-        with the metrics; never dropped past the bound (a table is queued once per
-        evaluation), given up on only at `close`'s deadline."""
+        with the metrics. Best effort: a table whose upload fails TABLE_ATTEMPTS times (an
+        outage, or an artifact store this process cannot write) is given up with a
+        warning, so it never holds the metrics queued behind it."""
         with self._cond:
             self._queue.append(("table", [(rows, artifact_file)]))
             self._cond.notify()
@@ -347,6 +351,13 @@ class TrackingBuffer:
                 with self._cond:
                     self._down = True
                     self._cond.notify_all()  # a drain() waiting now returns at once
+                    if kind == "table":
+                        self._table_failures += 1
+                        if self._table_failures >= TABLE_ATTEMPTS:
+                            logger.warning("MLflow table %s not logged after %d attempts "
+                                           "(%s: %s); going on without it", items[0][1],
+                                           TABLE_ATTEMPTS, type(e).__name__, str(e)[:300])
+                            self._in_flight, self._table_failures = None, 0
                 if down_since is None:
                     down_since = time.monotonic()
                     logger.warning("MLflow logging failed (%s: %s); training goes on with "
@@ -357,6 +368,7 @@ class TrackingBuffer:
                 continue
             delay = self._retry_s
             with self._cond:
+                self._table_failures = 0
                 if kind == "metrics":
                     self._sent += len(self._in_flight[1])
                     self._dropped_logged = dropped

@@ -147,3 +147,38 @@ def test_drain_waits_for_a_healthy_server_and_never_for_a_down_one():
     client.up.set()
     assert buf.close(deadline_s=10).dropped == 0
     assert client.values("val_loss") == [(10, 2.5), (20, 2.4)]
+
+
+class TableClient(FlakyClient):
+    """FlakyClient that also takes tables; `tables_fail` makes every table upload fail."""
+
+    def __init__(self, tables_fail: bool) -> None:
+        super().__init__()
+        self.tables_fail = tables_fail
+        self.tables: list[tuple[Any, str]] = []
+        self.table_attempts = 0
+
+    def log_table(self, run_id: str, data: Any, artifact_file: str) -> None:
+        self.table_attempts += 1
+        if self.tables_fail:
+            raise PermissionError("artifact store not writable")
+        self.tables.append((data.to_dict("records"), artifact_file))
+
+
+def test_tables_go_out_in_order_and_a_failing_one_never_holds_metrics():
+    ok = TableClient(tables_fail=False)
+    buf = TrackingBuffer("run", ok, retry_s=0.01, max_retry_s=0.02)
+    buf.log_metrics({"val_loss": 2.0}, step=10)
+    buf.log_table([{"step": 10, "prompt": "p", "completion": "c"}], "samples.json")
+    buf.log_metrics({"val_loss": 1.0}, step=20)
+    assert buf.close(5).dropped == 0
+    assert ok.tables == [([{"step": 10, "prompt": "p", "completion": "c"}], "samples.json")]
+    assert ok.values("val_loss") == [(10, 2.0), (20, 1.0)]
+
+    broken = TableClient(tables_fail=True)
+    buf = TrackingBuffer("run", broken, retry_s=0.01, max_retry_s=0.02)
+    buf.log_table([{"step": 10}], "samples.json")
+    buf.log_metrics({"val_loss": 1.0}, step=10)
+    assert buf.close(5).dropped == 0  # the metric behind the table got through
+    assert broken.values("val_loss") == [(10, 1.0)]
+    assert broken.table_attempts == 3
