@@ -74,6 +74,9 @@ def test_greedy_completion_matches_transformers_generate():
     stop = complete(model.forward, prompt, 12, eos_id=ours[3], block_size=64,
                     device=torch.device("cpu"), autocast=contextlib.nullcontext)
     assert stop == ours[:ours.index(ours[3]) + 1]
+    assert stop == complete(model.forward, prompt, 12, eos_id=ours[3], block_size=64,
+                            device=torch.device("cpu"), autocast=contextlib.nullcontext,
+                            stop_early=False)
 
 
 def test_the_samples_table_is_appended_in_mlflow(tmp_path):

@@ -89,9 +89,12 @@ def held_out_prompts(shards: ShardSet, n: int) -> list[list[int]]:
 @torch.no_grad()
 def complete(forward: Callable[..., Any], prompt: Prompt, max_tokens: int, eos_id: int,
              block_size: int, device: torch.device,
-             autocast: Callable[[], AbstractContextManager[Any]]) -> list[int]:
-    """Greedy completion of `prompt`: at most `max_tokens` tokens, stopping after the
-    end-of-text token; the context is the last `block_size` tokens."""
+             autocast: Callable[[], AbstractContextManager[Any]], stop_early: bool = True
+             ) -> list[int]:
+    """Greedy completion of `prompt`: at most `max_tokens` tokens, ending after the
+    end-of-text token; the context is the last `block_size` tokens. Without `stop_early`
+    every step runs (then the tail is cut): under FSDP each forward pass is a collective,
+    and ranks must not part ways on a near-tie that one of them decodes as end-of-text."""
     ids = list(prompt.ids)
     new: list[int] = []
     for _ in range(max_tokens):
@@ -101,9 +104,9 @@ def complete(forward: Callable[..., Any], prompt: Prompt, max_tokens: int, eos_i
         token = int(logits[0, -1].argmax())
         new.append(token)
         ids.append(token)
-        if token == eos_id:
+        if token == eos_id and stop_early:
             break
-    return new
+    return new[:new.index(eos_id) + 1] if eos_id in new else new
 
 
 def sample_rows(model: torch.nn.Module, prompts: list[Prompt], step: int, cfg: TrainConfig,
@@ -120,7 +123,7 @@ def sample_rows(model: torch.nn.Module, prompts: list[Prompt], step: int, cfg: T
         rows = []
         for p in prompts:
             new = complete(forward, p, cfg.sample_max_tokens, eos_id, block_size, device,
-                           autocast)
+                           autocast, stop_early=not fsdp)
             rows.append({"step": step, "prompt": p.text,
                          "completion": tokenizer.decode(new, skip_special_tokens=True)})
         return rows
