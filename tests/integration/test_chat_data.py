@@ -47,7 +47,7 @@ def write_records(directory: Path, n: int) -> list[str]:
 def test_chat_records_on_ray_data(ray_cluster, tmp_path):
     replies = write_records(tmp_path / "records", 80)
     data = DataConfig(path=str(tmp_path / "records"), format="chat",
-                      cache_dir=str(tmp_path / "cache"))
+                      cache_dir=str(tmp_path / "cache"), block_bytes=1024)  # a block a file
     result = stage.run_stage(data, BPE, block_size=64)
     summary = result.summary()
     assert summary["examples"] + summary["dropped"] == 80 and summary["examples"] > 60
