@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
+from lmforge.train.preempt import STOP_GRACE_S
+
 AGENT_WAIT_S = 60
 T = TypeVar("T")
 # Local state never travels: a stray MLflow store (mlflow.db, mlruns/, mlartifacts/) in the
@@ -66,6 +68,16 @@ def is_secret(name: str) -> bool:
     in a job's metadata unless the user asks."""
     return bool(_SECRET.search(re.sub(r"[.\-]", "_", name.upper())))
 
+
+STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"
+STOP_WAIT_S = int(STOP_GRACE_S) + 30
+"""What `ray job stop` waits between its SIGTERM to the driver and a SIGKILL (Ray's
+default: 3 s), set in the job's runtime_env: Ray's job supervisor reads the variable from
+its own environment, which Ray builds from the job's `runtime_env.env_vars`
+(`JobManager._get_supervisor_runtime_env`, Ray 2.60). Long enough for a search's trials to
+checkpoint (`STOP_GRACE_S`), then for Tune to save its state and the driver to mark its
+MLflow runs KILLED. `--runtime-env-json '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": ...}}'`
+sets another."""
 
 ACTIVE = ("PENDING", "RUNNING")
 RUN_NAME_KEY = "lmforge.run_name"
@@ -174,7 +186,8 @@ def submit(address: str, spec_path: Path, overrides: list[str], run_name: str,
         **(runtime_env_extra or {}),  # the user's pip/uv/conda: what the preflight checked
         "working_dir": str(root),
         "excludes": _EXCLUDES,
-        "env_vars": {**(runtime_env_extra or {}).get("env_vars", {}), **env},
+        "env_vars": {STOP_WAIT_ENV: str(STOP_WAIT_S),
+                     **(runtime_env_extra or {}).get("env_vars", {}), **env},
     }
     if (root / "platform" / "lmforge").is_dir():
         runtime_env["py_modules"] = [str(root / "platform" / "lmforge")]

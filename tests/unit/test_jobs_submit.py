@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from lmforge import jobs
+from lmforge.train.preempt import STOP_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "tests" / "integration" / "specs" / "tiny.yaml"
@@ -103,7 +104,11 @@ def test_submit_packages_the_project_and_tags_the_run(fake):
     assert env["working_dir"] == str(ROOT) and ".venv/" in env["excludes"]
     assert {"mlflow.db", "mlruns/", "mlartifacts/"} <= set(env["excludes"])
     assert env["py_modules"] == [str(ROOT / "platform" / "lmforge")]
-    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "sqlite:///x.db"}
+    # Ray Jobs' stop waits this long after its SIGTERM before a SIGKILL (Ray: 3 s), so a
+    # stopped run has time to checkpoint.
+    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "sqlite:///x.db",
+                               "RAY_JOB_STOP_WAIT_TIME_S": str(jobs.STOP_WAIT_S)}
+    assert jobs.STOP_WAIT_S > STOP_GRACE_S
     assert kw["metadata"]["lmforge.run_name"] == "my-run"
 
 
@@ -113,10 +118,12 @@ def test_runtime_env_json_adds_to_the_jobs_runtime_env_without_replacing_it(fake
     f = fake()
     jobs.submit("http://h:8265", SPEC, [], "r", ROOT, {"MLFLOW_TRACKING_URI": "sqlite:///x.db"},
                 runtime_env_extra={"pip": ["typer>=0.16"], "working_dir": "/elsewhere",
-                                   "env_vars": {"A": "1", "MLFLOW_TRACKING_URI": "no"}})
+                                   "env_vars": {"A": "1", "MLFLOW_TRACKING_URI": "no",
+                                                "RAY_JOB_STOP_WAIT_TIME_S": "600"}})
     env = f.submitted[0]["runtime_env"]
     assert env["pip"] == ["typer>=0.16"] and env["working_dir"] == str(ROOT)
-    assert env["env_vars"] == {"A": "1", "MLFLOW_TRACKING_URI": "sqlite:///x.db"}
+    assert env["env_vars"] == {"A": "1", "MLFLOW_TRACKING_URI": "sqlite:///x.db",
+                               "RAY_JOB_STOP_WAIT_TIME_S": "600"}  # the user's wait wins
 
 
 def test_duplicate_submission_id_is_refused_not_overwritten(fake):

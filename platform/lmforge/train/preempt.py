@@ -43,30 +43,50 @@ EXIT_CODE = 128 + signal.SIGTERM
 """What a preempted `lmforge train|run` exits with: the shell's code for "ended by
 SIGTERM", which Ray Jobs, Kubernetes and systemd read as stopped rather than crashed."""
 
+STOP_GRACE_S = 120.0
+"""How long a search's driver waits after SIGTERM for its running trials to checkpoint
+before it saves the search's state without them (`lmforge.tune.preempt`). A trial needs
+its next step boundary, a checkpoint write and a report (Ray Train passes reports on at its
+controller's poll, every 2 s by default); one whose workers are still starting needs them
+to start first. A training driver needs seconds. Whatever sends SIGTERM should wait at
+least this long before a SIGKILL: `lmforge submit` sets Ray Jobs' wait (`jobs.STOP_WAIT_S`)."""
+
 
 class Preempted(RuntimeError):
-    """The run stopped on SIGTERM after saving a checkpoint at `step`; `--resume` goes on
-    from there."""
+    """The run (or a search: `lmforge.tune.preempt`) stopped on SIGTERM after saving a
+    checkpoint at `step`; `--resume` goes on from there."""
 
-    def __init__(self, step: int) -> None:
-        super().__init__(f"stopped by SIGTERM after step {step}, with a checkpoint there: "
-                         "the same command with --resume continues from it")
+    def __init__(self, step: int, message: str | None = None) -> None:
+        super().__init__(message or f"stopped by SIGTERM after step {step}, with a "
+                         "checkpoint there: the same command with --resume continues from it")
         self.step = step
 
 
 @ray.remote(num_cpus=0)
 class StopFlag:
-    """Set once by the driver; workers wait on it."""
+    """Set once by the driver; workers wait on it. In a search, each trial that has saved
+    its checkpoint says so (`stopped`), so the driver knows when it may end the search."""
 
     def __init__(self) -> None:
         self._set = asyncio.Event()
+        self._stopped: dict[str, int] = {}
 
     async def request(self) -> None:
         self._set.set()
 
+    async def requested(self) -> bool:
+        return self._set.is_set()
+
     async def wait(self) -> bool:
         await self._set.wait()
         return True
+
+    async def stopped(self, who: str, step: int) -> None:
+        self._stopped[who] = step
+
+    async def stopped_at(self) -> dict[str, int]:
+        """Who has checkpointed and stopped, and after which step."""
+        return dict(self._stopped)
 
 
 class Preemption:

@@ -89,8 +89,9 @@ class Deadline(ControllerCallback):
 
 def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
                   callbacks: Sequence[UserCallback | ControllerCallback] = (),
-                  step_hook: StepHook | None = None,
-                  preemption: Preemption | None = None) -> TorchTrainer:
+                  step_hook: StepHook | None = None, stop_flag: Any = None) -> TorchTrainer:
+    """`stop_flag`: a `StopFlag` handle whose request makes every worker checkpoint at the
+    next step boundary and stop (`lmforge.train.preempt`)."""
     cfg = spec.train
     require_shared_storage(spec, search=False)  # a multi-host run needs shared paths
     check_supported(cfg)  # a method this cluster cannot run fails here, not in every worker
@@ -98,7 +99,7 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
         train_fn_per_worker,
         train_loop_config={"spec": spec, "data": data, "tracker": tracker,
                            "step_hook": step_hook,
-                           "stop_flag": preemption.flag if preemption else None},
+                           "stop_flag": stop_flag},
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.use_gpu,
@@ -120,8 +121,8 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
 
 def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
                  callbacks: Sequence[UserCallback | ControllerCallback] = (),
-                 step_hook: StepHook | None = None, preemptible: bool = False
-                 ) -> TrainOutcome:
+                 step_hook: StepHook | None = None, preemptible: bool = False,
+                 stop_flag: Any = None) -> TrainOutcome:
     """Train run `name` to `train.steps` (or an early stop). Ray Train continues the run
     from the latest checkpoint it finds in storage under `name`: whether that is wanted
     (`--resume`) or refused is the caller's rule (`lmforge.runs.NamedRun`).
@@ -131,9 +132,12 @@ def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, 
 
     `preemptible`: a SIGTERM to this process while it trains (in the main thread) makes
     the workers checkpoint at the next step boundary and stop, and this raise
-    `Preempted` (`lmforge.train.preempt`)."""
+    `Preempted` (`lmforge.train.preempt`). `stop_flag`: the same stop asked by someone
+    else (a search's driver, through its `StopFlag`), for a run that is not in the main
+    thread (a trial); it raises `Preempted` too."""
     preemption = Preemption() if preemptible else None
-    trainer = build_trainer(spec, data, tracker, name, callbacks, step_hook, preemption)
+    trainer = build_trainer(spec, data, tracker, name, callbacks, step_hook,
+                            preemption.flag if preemption else stop_flag)
     try:
         result = preemption.run(trainer.fit) if preemption else trainer.fit()
     finally:

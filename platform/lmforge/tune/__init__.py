@@ -5,7 +5,9 @@ fields, each trial a distributed training run.
 - `trial.py`: `train_driver_fn`, one trial (its own TorchTrainer, reporting to Tune);
 - `space.py`: the spec's search space as Optuna distributions;
 - `report.py`: the outcome, and what the search's MLflow parent run holds of it;
-- `snapshot.py`: intact copies of Tune's state files, put back on `--resume`.
+- `snapshot.py`: intact copies of Tune's state files, put back on `--resume`;
+- `preempt.py`: SIGTERM to the driver checkpoints every running trial and saves the
+  search's state, for `--resume`.
 
 The search's MLflow parent run and one child run per trial are addressed by (tracking URI,
 run id), never by a process-global active run, so concurrent trials nest correctly.

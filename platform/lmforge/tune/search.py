@@ -28,7 +28,9 @@ from lmforge.storage import resolve
 from lmforge.tracking import RunTracker
 from lmforge.train.checkpoint import set_aside_reason
 from lmforge.train.loop import StepHook
+from lmforge.train.preempt import Preempted
 from lmforge.train.trainer import hf_directory
+from lmforge.tune.preempt import SearchStop, lend, requested
 from lmforge.tune.report import (
     SearchOutcome,
     TrialOutcome,
@@ -141,56 +143,32 @@ def run_search(spec: JobSpec, data: PreparedData, parent: RunTracker | None,
                resume: bool = False, step_hook: StepHook | None = None) -> SearchOutcome:
     """Run the search `name` under `tune.storage_path` (or, with `resume`, continue it from
     Tune's state there) and return every trial's outcome and the best. `step_hook` goes to
-    every trial's workers (`run_training`)."""
+    every trial's workers (`run_training`).
+
+    SIGTERM to this process (in its main thread) while the search runs makes every running
+    trial checkpoint and the search save its state, and this raise `Preempted`; `resume`
+    continues it (`lmforge.tune.preempt`)."""
     cfg = spec.tune
     if not cfg.search_space:
         raise ValueError("tune.search_space: empty; name at least one spec field to search")
     # Also checked by `pipeline.execute` before the run opens; here for direct callers.
     ensure_fits(Demand.of(spec, search=True), spec.train.scheduling_timeout_s)
     require_shared_storage(spec, search=True)  # a multi-host search needs shared paths
-    trainable = tune.with_resources(
-        tune.with_parameters(train_driver_fn, spec=spec, data=data, parent=parent,
-                             experiment_id=experiment_id, run_tags=run_tags or {},
-                             step_hook=step_hook),
-        {"CPU": cfg.driver_cpus},
-    )
-    experiment = NamedRun(name, cfg.storage_path, search=True).storage
-    path, where = experiment.uri, experiment.ray_storage()
-    if resume:
-        if not tune.Tuner.can_restore(where["storage_path"],
-                                      storage_filesystem=where["storage_filesystem"]):
-            raise ResumeError(f"{path}: no Ray Tune experiment state to resume")
-        # Tune's state files are repaired where they are local (an object store's puts are
-        # whole by themselves).
-        if experiment.is_local and (damaged := repair(Path(path))):
-            print(f"[lmforge] {', '.join(damaged)} in {path} was cut short (the driver was "
-                  "killed while writing it); resuming from the last intact copy of the "
-                  "search's state", file=sys.stderr, flush=True)
-        if parent is not None:
-            close_orphaned_trials(parent)
-        # Finished and errored trials keep their results; the searcher keeps its history
-        # and the token budget its count; trials the killed driver left running start
-        # again and continue their Train runs.
-        tuner = tune.Tuner.restore(where["storage_path"], trainable, resume_unfinished=True,
-                                   resume_errored=False,
-                                   storage_filesystem=where["storage_filesystem"])
-    else:
-        stop = TokenBudget(cfg.max_tokens) if cfg.max_tokens else None
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=make_searcher(cfg),
-                scheduler=make_scheduler(spec),
-                num_samples=cfg.num_trials,
-                max_concurrent_trials=cfg.max_concurrent_trials,
-                time_budget_s=cfg.time_budget_s,
-            ),
-            run_config=tune.RunConfig(name=name, stop=stop, callbacks=[StateSnapshots()],
-                                      verbose=1,
-                                      **resolve(cfg.storage_path, "tune.storage_path")
-                                      .ray_storage()),
+    with lend(name) as stop_flag:
+        trainable = tune.with_resources(
+            tune.with_parameters(train_driver_fn, spec=spec, data=data, parent=parent,
+                                 experiment_id=experiment_id, run_tags=run_tags or {},
+                                 step_hook=step_hook, stop_flag=stop_flag),
+            {"CPU": cfg.driver_cpus},
         )
-    grid = tuner.fit()
+        grid = _tuner(spec, name, trainable, parent, resume).fit()
+        stopped = requested(stop_flag)
+    if stopped is not None:
+        steps = ", ".join(f"{trial} after step {step}" for trial, step in sorted(stopped.items()))
+        raise Preempted(max(stopped.values(), default=0),
+                        f"search {name!r} stopped by SIGTERM, its state saved with "
+                        f"{len(stopped)} running trial(s) checkpointed ({steps or 'none'}): "
+                        "the same command with --resume continues them")
     runs = trial_runs(parent) if parent is not None else {}
     # Trials report their checkpoints' paths inside train.storage_path's filesystem.
     train_storage = resolve(spec.train.storage_path, "train.storage_path")
@@ -212,6 +190,49 @@ def run_search(spec: JobSpec, data: PreparedData, parent: RunTracker | None,
     if parent is not None:
         log_search(parent, spec, outcome)
     return outcome
+
+
+def _tuner(spec: JobSpec, name: str, trainable: Any, parent: RunTracker | None,
+           resume: bool) -> tune.Tuner:
+    """A new Tuner for search `name`, or with `resume` the one restored from its state."""
+    cfg = spec.tune
+    experiment = NamedRun(name, cfg.storage_path, search=True).storage
+    path, where = experiment.uri, experiment.ray_storage()
+    if not resume:
+        stop = TokenBudget(cfg.max_tokens) if cfg.max_tokens else None
+        return tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(cfg),
+                scheduler=make_scheduler(spec),
+                num_samples=cfg.num_trials,
+                max_concurrent_trials=cfg.max_concurrent_trials,
+                time_budget_s=cfg.time_budget_s,
+            ),
+            # Both callbacks go into tuner.pkl and come back with a restore.
+            run_config=tune.RunConfig(name=name, stop=stop,
+                                      callbacks=[StateSnapshots(), SearchStop(name)],
+                                      verbose=1,
+                                      **resolve(cfg.storage_path, "tune.storage_path")
+                                      .ray_storage()),
+        )
+    if not tune.Tuner.can_restore(where["storage_path"],
+                                  storage_filesystem=where["storage_filesystem"]):
+        raise ResumeError(f"{path}: no Ray Tune experiment state to resume")
+    # Tune's state files are repaired where they are local (an object store's puts are
+    # whole by themselves).
+    if experiment.is_local and (damaged := repair(Path(path))):
+        print(f"[lmforge] {', '.join(damaged)} in {path} was cut short (the driver was "
+              "killed while writing it); resuming from the last intact copy of the "
+              "search's state", file=sys.stderr, flush=True)
+    if parent is not None:
+        close_orphaned_trials(parent)
+    # Finished and errored trials keep their results; the searcher keeps its history and
+    # the token budget its count; trials the killed (or SIGTERMed) driver left running
+    # start again and continue their Train runs.
+    return tune.Tuner.restore(where["storage_path"], trainable, resume_unfinished=True,
+                              resume_errored=False,
+                              storage_filesystem=where["storage_filesystem"])
 
 
 def _outcome(result: tune.Result, runs: dict[str, Any], steps: int,

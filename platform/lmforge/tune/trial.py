@@ -12,13 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from lmforge.config import JobSpec
 from lmforge.data import PreparedData
 from lmforge.tracking import RunTracker, record_failure
-from lmforge.train import run_training
+from lmforge.train import Preempted, run_training
 from lmforge.train.loop import StepHook
 from lmforge.train.trainer import Deadline
 
@@ -30,10 +31,22 @@ class TrialTimeout(RuntimeError):
     """A trial ran past `tune.trial_timeout_s`."""
 
 
+class ReportToTune(TuneReportCallback):
+    """Ray's TuneReportCallback, less a preemption's report: that checkpoint was not
+    evaluated and its val_loss is a placeholder, which ASHA would take for the trial's
+    worst result at a rung (and stop it) and the searcher would learn from."""
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
+                     checkpoint: Any) -> None:
+        if metrics and metrics[0].get("preempted"):
+            return
+        super().after_report(run_context, metrics, checkpoint)
+
+
 def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
                     parent: RunTracker | None, experiment_id: str,
                     run_tags: dict[str, str] | None = None,
-                    step_hook: StepHook | None = None) -> None:
+                    step_hook: StepHook | None = None, stop_flag: Any = None) -> None:
     """One trial (Tune's function trainable; it runs in its own resource bundle).
 
     An invalid sample or a crash fails this trial only: its MLflow run is FAILED with the
@@ -50,6 +63,13 @@ def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
     errored trial (FAILED in the outcome and in MLflow) and goes on. Its Train run aborts
     itself just after (`Deadline`), freeing its workers for the next trial: Tune stopping
     the trial's actor does not end the Train controller it started.
+
+    `stop_flag` (the search driver's `StopFlag`, set on SIGTERM): the trial's workers save
+    a checkpoint at the next step boundary and stop; the trial's MLflow run is KILLED, the
+    driver is told, and the trial then waits, still running in Tune's eyes, for the driver
+    to save the search's state and end it. A trial Tune saw finish would count as done and
+    an errored one is not resumed; a running one is what `--resume` starts again, and its
+    Train run goes on from that checkpoint.
     """
     started = time.monotonic()
     ctx = tune.get_context()
@@ -67,7 +87,7 @@ def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
         if tracker is not None:
             tracker.log_dict(trial_spec.model_dump(mode="json"), "spec.yaml")
             metrics = tracker.system_metrics(spec.tracking.system_metrics_interval_s)
-        callbacks: list[Any] = [TuneReportCallback()]  # here: it needs this thread's session
+        callbacks: list[Any] = [ReportToTune()]  # here: it needs this thread's session
         if (timeout_s := spec.tune.trial_timeout_s) is not None:
             # The trial fails with TrialTimeout at its deadline, and its Train run (workers,
             # placement group) ends itself a moment later: later, so the run's own error
@@ -77,7 +97,12 @@ def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
         with metrics:
             within(timeout_s, started, lambda: run_training(
                 trial_spec, data, tracker, name=name, callbacks=callbacks,
-                step_hook=step_hook))
+                step_hook=step_hook, stop_flag=stop_flag))
+    except Preempted as e:
+        if tracker is not None:
+            record_failure(tracker, e, traceback.format_exc(), status="KILLED", curve=True)
+        ray.get(stop_flag.stopped.remote(ctx.get_trial_id(), e.step), timeout=60)
+        threading.Event().wait()  # until Tune ends this actor (see above)
     except Exception as e:
         if tracker is not None:  # never raises: an MLflow outage must not hide `e`
             record_failure(tracker, e, traceback.format_exc(), curve=True)
