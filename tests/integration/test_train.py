@@ -1,23 +1,19 @@
-"""Training on real Ray: DDP and FSDP lower the loss; a killed worker is replaced and the
-run resumes exactly; a run whose driver is killed resumes exactly (same loss at every later
-step) and ignores a half-written checkpoint; two nodes give the one-node loss curve; one
-worker accumulating two micro-batches trains the two-worker model; a run the cluster
-cannot hold fails at once naming the fields."""
+"""Training on real Ray: DDP and FSDP lower the loss; two nodes give the one-node loss
+curve; one worker accumulating two micro-batches trains the two-worker model; a run the
+cluster cannot hold fails at once naming the fields. A killed worker and a killed driver
+(exact resume) are faults: tests/chaos/test_chaos_recovery.py, on the reference runs
+built here (`reference_run`)."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from ray.util.state import list_actors
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.cluster import LocalCluster
@@ -25,20 +21,10 @@ from lmforge.config import load
 from lmforge.pipeline import Stages, Summary, execute
 from lmforge.tracking import RunTracker
 
-from .helpers import (
-    ROOT,
-    SPEC,
-    TRAIN_POLL_ENV,
-    TRAIN_POLL_S,
-    file_size,
-    kill_driver_when,
-    lmforge,
-    own_cluster_env,
-    tree_size,
-    wait_until,
-)
+from .helpers import ROOT, SPEC, lmforge, own_cluster_env
 
-# Long enough that a worker or the driver is killed well before the end.
+# Long enough that a worker or the driver is killed well before the end (the chaos suite's
+# recovery scenarios reuse these runs).
 DDP = ("train.steps=120", "train.eval_every=20")  # a checkpoint at every evaluation
 FSDP = ("train.strategy=fsdp", "train.grad_accum=2", "train.steps=150", "train.eval_every=25",
         "train.checkpoint_every=25")
@@ -81,16 +67,22 @@ def summary_of(out: subprocess.CompletedProcess) -> Summary:
     return Summary(**json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def reference_run(tmp_path_factory: pytest.TempPathFactory, name: str,
+                  args: tuple[str, ...]) -> Summary:
+    """An uninterrupted training run of the tiny spec (on the session cluster): the loss
+    curve and weights that other runs of the same spec must reproduce."""
+    tmp = tmp_path_factory.mktemp(name)
+    return execute(load(SPEC, overrides(tmp, *args)), TRAIN_ONLY, runs_dir=tmp)
+
+
 @pytest.fixture(scope="module")
 def ddp_run(ray_cluster, tmp_path_factory) -> Summary:
-    tmp = tmp_path_factory.mktemp("ddp")
-    return execute(load(SPEC, overrides(tmp, *DDP)), TRAIN_ONLY, runs_dir=tmp)
+    return reference_run(tmp_path_factory, "ddp", DDP)
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(ray_cluster, tmp_path_factory) -> Summary:
-    tmp = tmp_path_factory.mktemp("fsdp")
-    return execute(load(SPEC, overrides(tmp, *FSDP)), TRAIN_ONLY, runs_dir=tmp)
+    return reference_run(tmp_path_factory, "fsdp", FSDP)
 
 
 def test_two_worker_ddp_lowers_validation_loss(ddp_run, tmp_path: Path):
@@ -138,73 +130,6 @@ def test_two_worker_fsdp_with_accumulation_lowers_loss_and_exports(fsdp_run):
     tok = AutoTokenizer.from_pretrained(ckpt)
     out = model.generate(**tok("The ", return_tensors="pt"), max_new_tokens=5, do_sample=False)
     assert out.shape[1] == len(tok("The ")["input_ids"]) + 5
-
-
-def test_killed_worker_is_replaced_and_the_run_resumes_exactly(ddp_run, ray_cluster: str,
-                                                               tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch):
-    """Ray Train restarts the worker group from the latest checkpoint (FailureConfig) and
-    the run finishes all its steps with the uninterrupted run's losses."""
-    reference = dict(loss_history(ddp_run))
-    spec = load(SPEC, overrides(tmp_path, *DDP, "train.max_failures=2",
-                                "tracking.run_name=interrupted"))
-    storage = tmp_path / "ray" / "interrupted"
-    monkeypatch.setenv(TRAIN_POLL_ENV, TRAIN_POLL_S)  # a report every 2 s: time to kill
-    outcome: dict[str, Any] = {}
-    run = threading.Thread(target=lambda: outcome.update(
-        summary=execute(spec, TRAIN_ONLY, runs_dir=tmp_path)))
-    run.start()
-    # Progress: the run's MLflow store (a loss every step) and its storage.
-    moving = lambda: (file_size(tmp_path / "mlflow.db"), tree_size(storage))  # noqa: E731
-
-    def live_workers() -> list[int]:
-        """PIDs of this cluster's training workers, named by its address: with another Ray
-        on the machine, the State API cannot guess which one is meant."""
-        return [a.pid for a in list_actors(address=ray_cluster, filters=[
-            ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
-
-    # The workers' PIDs first (a State API call can take seconds on a loaded machine), so
-    # that the kill follows the checkpoint at once.
-    workers = wait_until(lambda: live_workers() or not run.is_alive(),
-                         "training workers started", progress=moving, stall_s=STALL_S,
-                         interval_s=0.5)
-    # Kill a worker once Ray Train has registered a checkpoint (its snapshot lists it; a
-    # checkpoint directory alone may not be registered yet): bounded polling, not a sleep.
-    wait_until(lambda: (storage / "checkpoint_manager_snapshot.json").exists()
-               or not run.is_alive(), "a checkpoint registered", progress=moving,
-               stall_s=STALL_S, interval_s=0.05)
-    assert run.is_alive(), "no checkpoint registered"
-    assert workers, "no live training worker to kill"
-    os.kill(workers[0], signal.SIGKILL)
-    wait_until(lambda: not run.is_alive(), "the run after the kill", progress=moving,
-               stall_s=STALL_S, interval_s=0.5)
-
-    assert_resumed_exactly(outcome["summary"], reference, steps=120, checkpoint_every=20)
-
-
-def test_killed_driver_resumes_exactly_and_ignores_a_half_written_checkpoint(
-        fsdp_run, tmp_path: Path):
-    reference = dict(loss_history(fsdp_run))
-    args = ["train", str(SPEC), *overrides(tmp_path, *FSDP), "tracking.run_name=resumable"]
-    run_dir = tmp_path / "ray" / "resumable"
-    # Kill the driver once Ray Train has registered a checkpoint (its snapshot lists it).
-    kill_driver_when([sys.executable, "-m", "lmforge", *args],
-                     lambda: (run_dir / "checkpoint_manager_snapshot.json").exists(),
-                     "a checkpoint registered", cwd=tmp_path, log=tmp_path / "killed.log",
-                     env=own_cluster_env(**{TRAIN_POLL_ENV: TRAIN_POLL_S}), stall_s=STALL_S)
-
-    # A crash in the middle of writing a checkpoint leaves a directory like this one.
-    half = run_dir / "checkpoint_9999999" / "dcp"
-    half.mkdir(parents=True)
-    (half / "__0_0.distcp").write_bytes(b"\0" * 100)
-
-    refused = lmforge(*args, cwd=tmp_path)
-    assert refused.returncode == 2 and "--resume" in refused.stderr
-
-    summary = summary_of(lmforge("train", "--resume", *args[1:], cwd=tmp_path,
-                                 stall_s=STALL_S))
-    assert summary.run_name == "resumable"
-    assert_resumed_exactly(summary, reference, steps=150, checkpoint_every=25)
 
 
 def test_two_nodes_give_the_one_node_loss_curve(ddp_run, tmp_path: Path):
