@@ -352,3 +352,36 @@ def test_rows_keep_the_order_resume_and_world_size_independence(tmp_path):
             assert torch.equal(whole[k], torch.cat([h[k] for h in halves]))
         again = BlockShard(data, 72, rank=0, world_size=1, seed=3, batch_size=4).batch(i)
         assert all(torch.equal(a, b) for a, b in zip(whole, again, strict=True))
+
+
+def test_parquet_instruction_records_give_the_jsonl_examples(tmp_path):
+    """The same alpaca records from .parquet (nested nulls for a missing `input`) and from
+    .jsonl become the same rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"instruction": f"say {i}", "output": f"{i} " * (1 + i % 4)} |
+               ({"input": "loudly"} if i % 3 == 0 else {}) for i in range(40)]
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "p").mkdir()
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "p" / "a.parquet")
+
+    def parquet_in_process(source, data, job):  # noqa: ANN001, ANN202
+        out = []
+        for f in source.files:
+            table = pq.read_table(f.path)
+            table = table.append_column("path", [[f.path] * len(table)])
+            out.append(json.loads(stage.pack_block(table, job).column("part")[0].as_py()))
+        return out
+
+    rows = {}
+    for kind, runner in (("j", in_process), ("p", parquet_in_process)):
+        cfg = DataConfig(path=str(tmp_path / kind), format="instruction",
+                         cache_dir=str(tmp_path / f"cache-{kind}"))
+        result = stage.run_stage(cfg, TokenizerConfig(kind="char"), run_blocks=runner,
+                                 block_size=64)
+        assert result.manifest.stats["examples"] == 40
+        rows[kind] = np.concatenate([np.load(Path(result.entry) / s.file)
+                                     for s in result.manifest.train])
+    assert np.array_equal(rows["j"], rows["p"])
