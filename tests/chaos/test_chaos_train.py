@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import signal
+import statistics
 import subprocess
 import sys
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from lmforge.config import load
 from lmforge.pipeline import Stages, Summary, execute
 from lmforge.runs import NamedRun
 from lmforge.tracking import RunTracker
+from lmforge.train.loop import DRAIN_S
 from lmforge.train.preempt import EXIT_CODE
 
 from ..integration.helpers import (
@@ -41,23 +44,43 @@ def state(tmp: Path, *extra: str) -> list[str]:
     return [f"data.cache_dir={tmp / 'cache'}", f"train.storage_path={tmp / 'ray'}", *extra]
 
 
-def rate(points: list[tuple[float, int]], start: float, end: float) -> float:
-    """Steps per second between `start` and `end` (seconds since the epoch), from
-    (time, step) points: the steps between the first and last point inside the window."""
+def rates(points: list[tuple[float, int]], start: float, end: float) -> list[float]:
+    """Steps per second between consecutive (time, step) points inside [start, end]
+    (seconds since the epoch): one rate per logging interval."""
     inside = [(t, s) for t, s in points if start <= t <= end]
-    assert len(inside) >= 2, f"fewer than 2 points in [{start:.1f}, {end:.1f}]"
-    (t0, s0), (t1, s1) = inside[0], inside[-1]
-    return (s1 - s0) / (t1 - t0)
+    assert len(inside) >= 10, f"{len(inside)} points in [{start:.1f}, {end:.1f}]"
+    return [(s1 - s0) / (t1 - t0) for (t0, s0), (t1, s1) in pairwise(inside) if t1 > t0]
+
+
+def gaps(points: list[tuple[float, int]], start: float, end: float) -> list[float]:
+    """Seconds between consecutive points inside [start, end]."""
+    inside = [t for t, _ in points if start <= t <= end]
+    return [t1 - t0 for t0, t1 in pairwise(inside)]
 
 
 def test_an_mlflow_outage_neither_slows_nor_stops_training(
         ray_cluster: str, mlflow_service: MlflowServer, tmp_path: Path, chaos_scale: float,
         chaos_result):
+    """The rate during the outage against the rate in the window right before it (as
+    long, up to 30 s), each the median of its 10-step intervals' rates.
+
+    Why not steps / time over each window, as before: that counts every stall, and on the
+    shared 2-core machine (load 17 to 21 from other work) stalls of 0.1 to 0.7 s hit both
+    ranks at random steps with and without an outage (1.0 s of them in 10 s before one
+    outage, 4.0 s in the 20 s during it), as do the evaluations and checkpoints that fall
+    in one window and not the other; a run with no outage at all measured 1.31 between
+    the old windows. The median ignores those and moves with anything the outage does to
+    every step (the loop waiting for MLflow, CPU spent retrying); a wait at an evaluation
+    (`drain`) would show as a gap of `DRAIN_S`, checked on its own. What no statistic
+    removes is other work starting or stopping between the two windows (the no-outage
+    run's medians differed by 1.27x): CI runs nothing else beside the suite."""
     outage_s = 20 * chaos_scale
-    # The tiny model runs 50 to 105 steps/s on a 2-core machine, with the load: enough
-    # steps to go on past the outage at up to 90 steps/s (a metric point every 10 steps; a
-    # slower machine takes longer, a faster one gets less time after it).
-    steps = 400 + int(90 * (outage_s + 12)) // 10 * 10
+    before_s = min(outage_s, 30.0)
+    # The tiny model runs 35 to 105 steps/s on a 2-core machine, with the load: enough
+    # steps for the window before the outage, the outage, and the server's
+    # restart (seconds of CPU) at up to 90 steps/s (a metric point every 10 steps; a
+    # slower machine takes longer, a faster one gets less time after the restart).
+    steps = 400 + int(90 * (before_s + outage_s + 12)) // 10 * 10
     spec = load(SPEC, state(tmp_path, f"tracking.uri={mlflow_service.url}",
                             f"train.steps={steps}", f"train.eval_every={steps // 4}",
                             "train.log_every=10", "tracking.run_name=outage"))
@@ -75,10 +98,13 @@ def test_an_mlflow_outage_neither_slows_nor_stops_training(
     tracker = wait_until(lambda: RunTracker(spec.tracking.uri, named.state().parent_run_id)
                          if named.started() else None, "the run's MLflow run",
                          timeout_s=300, interval_s=0.5)
-    last_step = lambda: max((s for s, _ in tracker.metric_history("train_loss")),  # noqa: E731
-                            default=0)
-    # Stepping steadily (the rates come from the metrics' timestamps: when rank 0 measured).
-    wait_until(lambda: last_step() >= 400, "step 400 logged", progress=last_step,
+    logged = lambda: sorted((m.timestamp / 1000, m.step) for m in  # noqa: E731
+                            tracker.client.get_metric_history(tracker.run_id, "train_loss"))
+    # Past the first steps' warm-up, then stepping for the window before the outage.
+    warm = wait_until(lambda: next((t for t, s in logged() if s >= 50), None), "step 50",
+                      progress=lambda: len(logged()), stall_s=STALL_S, interval_s=0.5)
+    wait_until(lambda: max(t for t, _ in logged()) >= warm + before_s,
+               f"{before_s:.0f} s of steps logged", progress=lambda: len(logged()),
                stall_s=STALL_S, interval_s=0.5)
 
     down = time.time()
@@ -91,14 +117,12 @@ def test_an_mlflow_outage_neither_slows_nor_stops_training(
     run.join(timeout=600)
     assert not run.is_alive(), "the run did not end within 600 s of the outage"
 
-    points: list[tuple[float, int]] = []
-    if "summary" in outcome:
-        history = tracker.client.get_metric_history(tracker.run_id, "train_loss")
-        points = sorted((m.timestamp / 1000, m.step) for m in history)
+    points = logged() if "summary" in outcome else []
     summary: Summary | None = outcome.get("summary")
-    warm = next((t for t, s in points if s >= 50), down)  # past the first steps' warm-up
-    before = rate(points, warm, down) if points else 0.0
-    during = rate(points, down + 1, restarting) if points else 0.0
+    window = (max(warm, down - before_s), down), (down + 1, restarting)
+    before = statistics.median(rates(points, *window[0])) if points else 0.0
+    during = statistics.median(rates(points, *window[1])) if points else 0.0
+    longest = max(gaps(points, *window[1]), default=0.0)
     logged_after = [s for t, s in points if t > restarting]  # measured once it was over
     expected = set(range(10, steps + 1, 10))
     missing = expected - {s for _, s in points}
@@ -108,12 +132,14 @@ def test_an_mlflow_outage_neither_slows_nor_stops_training(
                  lost=f"{len(missing)} of {len(expected)} train_loss points, "
                       f"{summary.tracking_dropped if summary else '?'} values dropped",
                  steps_per_s_before=before, steps_per_s_during=during,
-                 ratio=during / before if before else 0.0)
+                 ratio=during / before if before else 0.0, longest_gap_during_s=longest,
+                 restart_s=back - restarting)
 
     assert "error" not in outcome, outcome.get("error")
     assert summary is not None and summary.steps == steps
     assert summary.tracking_dropped == 0
     assert during >= 0.8 * before, (before, during)  # stepping on at its normal rate
+    assert longest < DRAIN_S, longest  # and never held at an evaluation waiting for MLflow
     assert logged_after and max(logged_after) == steps, (back, points[-3:])  # after it
     assert not missing, sorted(missing)[:20]  # and from during it, sent once it was back
     assert tracker.status() == "FINISHED"
