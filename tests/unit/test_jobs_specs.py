@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lmforge.config import load
 
@@ -22,9 +23,15 @@ def test_the_common_cases_are_there():
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: str(p.relative_to(JOBS)))
-def test_spec_validates(path: Path):
+def test_spec_validates(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     if "../shared/" in path.read_text() and not SHARED.is_dir():
         pytest.skip(f"needs {SHARED} (the benchmark corpus), absent beside this checkout")
+    if "lmforge data-examples" in _header(path):  # its data is written by the header's command
+        from lmforge.data.examples import pydoc_qa, write_jsonl
+
+        monkeypatch.chdir(tmp_path)
+        write_jsonl(pydoc_qa(fmt="chat"), tmp_path / yaml.safe_load(path.read_text())["data"]
+                    ["path"])
     spec = load(path, [])
     assert spec.tracking.run_name
 
@@ -52,6 +59,12 @@ def test_finetune_spec_trains_a_local_checkpoint_with_its_own_tokenizer():
     (where,) = {a.partition("=")[2] for a in submit.split() if a.startswith(
         ("model.pretrained=", "tokenizer.path="))}
     assert where.startswith("/")
+
+
+def test_finetune_chat_spec_lora_tunes_the_quickstart_champion_on_pydoc_chats():
+    text = _header(JOBS / "finetune_chat.yaml")
+    assert "make quickstart" in text and "lmforge data-examples pydoc-qa" in text
+    assert "lmforge serve models:/lmforge-chat@champion" in text
 
 
 def test_serve_spec_is_what_lmforge_serve_and_the_cluster_builder_take(monkeypatch):
