@@ -209,9 +209,9 @@ class TrainConfig(Section):
     """What training updates: `full` (every weight), `lora` (low-rank adapters on the
     layers `train.lora` names, the base weights frozen: only the adapters are trained, in
     the optimizer and in checkpoints; the registered model is the base with the adapters
-    merged in) or `qlora` (`lora` over a base quantised to 4 bits: needs
-    `train.use_gpu: true` and the `bitsandbytes` package, and is refused elsewhere). Usually
-    with `model.pretrained`: adapters on a random base learn little."""
+    merged in) or `qlora` (`lora` over a 4-bit base: refused without `train.use_gpu: true`,
+    with `train.strategy: fsdp`, without the `bitsandbytes` package, and, in this version,
+    everywhere: the 4-bit load is not implemented yet). `lora` needs `model.pretrained`."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
     """Adapter settings for `method: lora|qlora` (`train.lora.r`, ...; searchable like any
     field)."""

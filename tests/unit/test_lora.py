@@ -201,3 +201,21 @@ def artifact_version(tiny_model, char_tok, tmp_path: Path) -> tuple[str, str]:
     client.create_model_version("base", root.as_uri())
     client.set_registered_model_alias("base", "champion", "1")
     return "models:/base/1", tracking_uri
+
+
+def test_qlora_is_refused_before_any_worker_starts_naming_the_field(monkeypatch):
+    import importlib.util
+
+    from lmforge.config import TrainConfig
+    from lmforge.train.lora import check_supported
+
+    gpu = {"method": "qlora", "use_gpu": True}
+    with pytest.raises(ValueError, match=r"train\.method.*train\.strategy"):
+        check_supported(TrainConfig(**gpu, strategy="fsdp"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"train\.method.*bitsandbytes"):
+        check_supported(TrainConfig(**gpu))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    with pytest.raises(ValueError, match=r"train\.method: 'qlora' is not available"):
+        check_supported(TrainConfig(**gpu))
+    check_supported(TrainConfig(method="lora"))  # lora and full pass
