@@ -385,3 +385,24 @@ def test_parquet_instruction_records_give_the_jsonl_examples(tmp_path):
         rows[kind] = np.concatenate([np.load(Path(result.entry) / s.file)
                                      for s in result.manifest.train])
     assert np.array_equal(rows["j"], rows["p"])
+
+
+def test_a_bad_record_raised_in_a_ray_worker_comes_back_as_its_value_error():
+    """Ray Data wraps a worker's exception (UserCodeException, then RayTaskError, whose
+    text carries the remote traceback); `lmforge data` exits 2 on a ValueError, so the
+    stage unwraps it."""
+    from ray.exceptions import UserCodeException
+
+    message = "data.path: /d/chat.jsonl: messages[0].role: 'bot' is not one of system"
+    try:
+        try:
+            raise ValueError(message)
+        except ValueError as inner:
+            raise UserCodeException("UDF failed to process a data block.") from inner
+    except UserCodeException as wrapped:
+        assert stage.spec_error(wrapped) == message
+    # The text of a RayTaskError whose cause did not survive pickling:
+    assert stage.spec_error(RuntimeError(
+        f"ray::MapBatches(pack_block)\nTraceback ...\nValueError: {message}")) == message
+    assert stage.spec_error(RuntimeError("worker died")) is None
+    assert stage.spec_error(ValueError("some other value error")) is None

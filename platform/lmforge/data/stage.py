@@ -37,6 +37,7 @@ import json
 import math
 import os
 import posixpath
+import re
 import sys
 import tempfile
 import time
@@ -703,7 +704,36 @@ def ray_blocks(source: Source, data: DataConfig, job: PackJob) -> list[dict[str,
     # batch_size=None: one call per block, so a block's key is a function of its content.
     packed = ds.map_batches(pack_block, batch_size=None, batch_format="pyarrow",
                             fn_kwargs={"job": job})
-    return [json.loads(row["part"]) for row in packed.iter_rows()]
+    try:
+        return [json.loads(row["part"]) for row in packed.iter_rows()]
+    except Exception as e:
+        message = spec_error(e)
+        if message is None:
+            raise
+        raise ValueError(message) from e
+
+
+_SPEC_ERROR = re.compile(r"ValueError: ((?:data|tokenizer|model)\.\w+: .*)")
+
+
+def spec_error(error: BaseException) -> str | None:
+    """The message of a spec error (a ValueError naming a field, such as a bad record's)
+    that a Ray Data worker raised, from the wrappers Ray puts around it
+    (`UserCodeException`, `RayTaskError`): found in the exception chain, or in the remote
+    traceback Ray carries as text. None for any other failure."""
+    seen: set[int] = set()
+    stack = [error]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e) is ValueError and _SPEC_ERROR.fullmatch(f"ValueError: {e}"):
+            return str(e)
+        stack += [c for c in (e.__cause__, e.__context__, getattr(e, "cause", None))
+                  if isinstance(c, BaseException)]
+    found = _SPEC_ERROR.search(str(error))
+    return found.group(1) if found else None
 
 
 # --- the tokenizer ----------------------------------------------------------------------
