@@ -7,10 +7,23 @@
     .venv/bin/python bench/tune.py overhead     # K short trials at concurrency 2
 
 `efficiency` and `overhead` take --trials/--steps to run at a reduced size (say so when
-quoting the figures). `efficiency` also takes --seed, --reduction-factor (ASHA's) and
---random-from FILE, which reuses random search's side from an earlier run's output (it is
-deterministic for the same trials, steps and seed) so another ASHA setting costs only
-its own search. Each prints one JSON line with our figure beside its baseline.
+quoting the figures). `efficiency` also takes --seed, --reduction-factor (ASHA's, and
+where a random side with cooldown forks forks), --random-from FILE, which reuses random
+search's side from an earlier run's output (it is deterministic for the same trials,
+steps, seed and random-side settings) so another ASHA setting costs only its own search,
+--only random|asha (one side alone; save the line for --random-from), and --asha-set /
+--random-set KEY=VALUE for one side's overrides. Cooldown rungs, issue 17:
+
+    nice -n 19 .venv/bin/python bench/tune.py efficiency --seed 2 --reduction-factor 4 \
+        --only random --random-set tune.rung_cooldown=0.2 train.schedule=wsd > random.json
+    nice -n 19 .venv/bin/python bench/tune.py efficiency --seed 2 --reduction-factor 4 \
+        --random-from random.json --asha-set tune.rung_cooldown=0.2 train.schedule=wsd
+
+A random side with `tune.rung_cooldown` forks at the rungs ASHA would use (FIFO: the forks
+stop nothing), so its line also has each rung's rank correlation between the forks' scores
+and the trials' final losses; its `steps` leave the forks out (a random search needs none),
+`fork_steps` counts them. The ASHA side's `steps` include its forks.
+Each prints one JSON line with our figure beside its baseline.
 Run from the project root (the spec reads ../shared/data/tinyshakespeare.txt).
 """
 
@@ -18,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -65,7 +80,18 @@ def _search(overrides: list[str], runs: Path) -> tuple[dict[str, Any], float]:
                        f"train.storage_path={runs / 'ray'}", f"tune.storage_path={runs / 'ray'}",
                        f"tracking.uri=sqlite:///{runs / 'mlflow.db'}",
                        "registry.enabled=false", "tune.time_budget_s=null", *overrides])
-    init_ray()  # once, outside the timed search
+    # Once, outside the timed search; a cluster of its own beside any other on the machine
+    # (others' tests, CI): its own temp dir and ports, and Train's placement-group cleaner
+    # pointed at this cluster's State API (with two local clusters and no address it cannot
+    # tell which is its own), as the test fixtures do.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dashboard = sock.getsockname()[1]
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(_node_ip_address="127.0.0.1", _temp_dir=tempfile.mkdtemp(prefix="ray-bench-"),
+             dashboard_host="127.0.0.1", dashboard_port=dashboard,
+             runtime_env={"env_vars": {
+                 "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}})
     start = time.perf_counter()
     summary = execute(spec, Stages(search=True, register=False, serve_check=False),
                       runs_dir=runs)
@@ -82,7 +108,13 @@ def _trial_curves(summary: Summary) -> list[dict[str, Any]]:
     for run in sorted(runs, key=lambda r: r.info.start_time):
         history = sorted((m.step, m.value)
                          for m in client.get_metric_history(run.info.run_id, "val_loss"))
-        out.append({"status": run.info.status, "history": history,
+        # Cooldown rungs: each fork's score at its rung, and its length (its val_loss is
+        # logged at the fork's last step, rung + length).
+        rungs = {}
+        for m in client.get_metric_history(run.info.run_id, "rung_val_loss"):
+            end = client.get_metric_history(run.info.run_id, f"cooldown/{m.step}/val_loss")
+            rungs[str(m.step)] = [m.value, end[0].step - m.step if end else 0]
+        out.append({"status": run.info.status, "history": history, "rungs": rungs,
                     "config": {k: run.data.params.get(k) for k in summary.best_config},
                     "seconds": ((run.info.end_time or run.info.start_time)
                                 - run.info.start_time) / 1000})
@@ -118,16 +150,43 @@ def _rank_signal(histories: list[list[list[float]]]) -> dict[int, float]:
     return out
 
 
-def _searched(summary: Summary, wall_s: float) -> dict[str, Any]:
+def _rung_signal(histories: list[list[list[float]]],
+                 rungs: list[dict[str, list[float]]]) -> dict[int, float]:
+    """Cooldown rungs, measured on random search's trials (all run to the end, forking at
+    ASHA's rungs): Spearman's rank correlation between each rung's fork scores and the
+    trials' final val losses: what ASHA with cooldown rungs would rank by, against the
+    ranking it should predict."""
+    last = max(h[-1][0] for h in histories)
+    full = [(h, r) for h, r in zip(histories, rungs, strict=True) if h[-1][0] == last]
+    out = {}
+    for rung in sorted({k for _, r in full for k in r}, key=int):
+        pairs = [(r[rung][0], h[-1][1]) for h, r in full if rung in r]
+        if len(pairs) >= 3:
+            ranks = [np.argsort(np.argsort(v)) for v in zip(*pairs, strict=True)]
+            out[int(rung)] = round(float(np.corrcoef(*ranks)[0, 1]), 3)
+    return out
+
+
+def _searched(summary: Summary, wall_s: float, forks_count: bool = True) -> dict[str, Any]:
+    """One search's side. `forks_count`: whether its cooldown forks' steps count in its
+    `steps` (ASHA's: they are what it ranks by), or are left out (random search's: it
+    forks only so the bench can measure the forks' ranking)."""
     curves = [t for t in _trial_curves(summary) if t["history"]]
     histories = [[list(e) for e in t["history"]] for t in curves]
+    rungs = [t["rungs"] for t in curves]
+    fork_steps = sum(length for r in rungs for _, length in r.values())
     return {"best_val_loss": min(loss for h in histories for _, loss in h),
-            "steps": summary.trial_steps_total, "wall_s": round(wall_s, 1),
+            "steps": summary.trial_steps_total - (0 if forks_count else fork_steps),
+            "fork_steps": fork_steps, "wall_s": round(wall_s, 1),
             "histories": histories,  # each trial's [step, val_loss] evaluations, in order
+            "rungs": rungs,  # each trial's {rung: [fork's val_loss, fork's steps]}
+            "rung_correlation_with_final": _rung_signal(histories, rungs) if fork_steps
+            else {},
             "configs": [t["config"] for t in curves]}  # and its sampled values
 
 
-def _earlier_random(path: Path, trials: int, steps: int, seed: int) -> dict[str, Any]:
+def _earlier_random(path: Path, trials: int, steps: int, seed: int,
+                    random_set: tuple[str, ...]) -> dict[str, Any]:
     """Random search's side from an earlier run's JSON line: it does not depend on the
     scheduler, and training is deterministic, so the same trials, steps and seed give the
     same search again. A line from before histories were kept has each trial's
@@ -137,6 +196,9 @@ def _earlier_random(path: Path, trials: int, steps: int, seed: int) -> dict[str,
         sys.exit(f"{path}: a random search of {old['trials']} trials x "
                  f"{old['steps_per_trial']} steps, seed {old.get('seed', 0)}; this run needs "
                  f"{trials} x {steps}, seed {seed}")
+    if "random_set" in old and tuple(old["random_set"]) != random_set:
+        sys.exit(f"{path}: its random side ran with {old['random_set']}; this run asks for "
+                 f"{list(random_set)} (--random-set)")
     if "random" in old:
         return {**old["random"], "from": str(path)}
     return {"best_val_loss": old["random_best_val_loss"],  # keys of the first version
@@ -147,7 +209,8 @@ def _earlier_random(path: Path, trials: int, steps: int, seed: int) -> dict[str,
 
 def efficiency(trials: int, steps: int | None, seed: int = 0,
                reduction_factor: int | None = None, random_from: Path | None = None,
-               overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+               overrides: tuple[str, ...] = (), asha_set: tuple[str, ...] = (),
+               random_set: tuple[str, ...] = (), only: str | None = None) -> dict[str, Any]:
     """ASHA + TPE against random search without early stopping, equal trial count.
 
     A search knows which of its trials is best only when its last trial has ended, so
@@ -161,23 +224,28 @@ def efficiency(trials: int, steps: int | None, seed: int = 0,
         extra += [f"train.steps={steps}", f"train.eval_every={max(steps // 8, 1)}",
                   f"tune.grace_period={max(steps // 8, 1)}",
                   f"train.warmup_steps={min(100, steps // 10)}"]
-    asha_extra = [f"tune.reduction_factor={reduction_factor}"] if reduction_factor else []
+    # Both sides: a random side with cooldown forks forks at ASHA's rungs.
+    extra += [f"tune.reduction_factor={reduction_factor}"] if reduction_factor else []
+    head = {"bench": "efficiency", "trials": trials, "steps_per_trial": steps or 2000,
+            "seed": seed, "reduction_factor": reduction_factor or "the spec's",
+            "overrides": list(overrides), "asha_set": list(asha_set),
+            "random_set": list(random_set)}
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp:
-        asha = _searched(*_search(extra + asha_extra + [
-            "tune.searcher=tpe", "tune.scheduler=asha", "tracking.run_name=asha-tpe"],
-            Path(tmp) / "asha"))
-        if random_from is None:
+        if only == "random" or random_from is None:
             random = _searched(*_search(extra + [
-                "tune.searcher=random", "tune.scheduler=fifo", "tracking.run_name=random"],
-                Path(tmp) / "random"))
+                "tune.searcher=random", "tune.scheduler=fifo", "tracking.run_name=random",
+                *random_set], Path(tmp) / "random"), forks_count=False)
         else:
-            random = _earlier_random(random_from, trials, steps or 2000, seed)
+            random = _earlier_random(random_from, trials, steps or 2000, seed, random_set)
+        if only == "random":
+            return {**head, "rank_correlation_with_final": _rank_signal(random["histories"]),
+                    "random": random}
+        asha = _searched(*_search(extra + [
+            "tune.searcher=tpe", "tune.scheduler=asha", "tracking.run_name=asha-tpe",
+            *asha_set], Path(tmp) / "asha"))
     ratio = asha["steps"] / random["steps"]
     target = random["best_val_loss"]
-    return {"bench": "efficiency", "trials": trials, "steps_per_trial": steps or 2000,
-            "seed": seed, "reduction_factor": reduction_factor or "the spec's",
-            "overrides": list(overrides),
-            "ratio": round(ratio, 3),
+    return {**head, "ratio": round(ratio, 3),
             "target": "ASHA+TPE's best <= random's best, with <= 1/3 of random's steps",
             "met": asha["best_val_loss"] <= target + 1e-12 and ratio <= 1 / 3,
             "rank_correlation_with_final": _rank_signal(random["histories"]),
@@ -233,14 +301,23 @@ def main() -> None:
     parser.add_argument("--random-from", type=Path, default=None,
                         help="efficiency: take random search's side from an earlier run's "
                              "output (same trials, steps and seed) instead of running it")
+    parser.add_argument("--only", choices=["random", "asha"], default=None,
+                        help="efficiency: run one side (asha needs --random-from)")
+    parser.add_argument("--asha-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="efficiency: overrides for the ASHA + TPE side only")
+    parser.add_argument("--random-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="efficiency: overrides for the random side only")
     parser.add_argument("overrides", nargs="*",
                         help="quality, efficiency (both searches): spec overrides, key=value")
     args = parser.parse_intermixed_args()
     if args.which == "quality":
         result = quality(args.overrides)
     elif args.which == "efficiency":
+        if args.only == "asha" and args.random_from is None:
+            parser.error("--only asha needs --random-from")
         result = efficiency(args.trials or 12, args.steps, args.seed, args.reduction_factor,
-                            args.random_from, tuple(args.overrides))
+                            args.random_from, tuple(args.overrides), tuple(args.asha_set),
+                            tuple(args.random_set), args.only)
     else:
         result = overhead(args.trials or 6, args.steps or 100)
     print(json.dumps(result), flush=True)

@@ -228,9 +228,21 @@ class TrainConfig(Section):
     lr: float = Field(1e-3, gt=0, le=1.0)
     """Peak learning rate, reached after warmup."""
     min_lr: float | None = Field(None, ge=0)
-    """Learning rate at the end of the cosine decay (default lr / 10)."""
+    """Learning rate at the end of the decay, cosine or WSD (default lr / 10)."""
     warmup_steps: int = Field(20, ge=0)
     """Linear warmup steps from 0 to `lr`."""
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    """Learning-rate schedule after warmup: `cosine` decays to `min_lr` over the remaining
+    steps; `wsd` (warmup-stable-decay) holds `lr` constant, then decays to `min_lr` over
+    the last `decay_fraction` of the steps with `decay_shape`. A WSD run can be cooled
+    down from any point of its stable phase, which is what `tune.rung_cooldown` does."""
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    """`wsd`: fraction of `steps` (rounded, at least 1 step) over which the LR decays to
+    `min_lr` at the end of the run."""
+    decay_shape: Literal["linear", "1-sqrt"] = "1-sqrt"
+    """Shape of a decay to `min_lr` (the `wsd` schedule's and a `tune.rung_cooldown`
+    fork's): `linear`, or `1-sqrt` (lr = min_lr + (lr - min_lr) * (1 - sqrt(progress))),
+    which Hägele et al. 2024 (arXiv 2405.18392) found to match or beat cosine."""
     weight_decay: float = Field(0.1, ge=0)
     """AdamW weight decay, applied to 2-D weights only."""
     betas: tuple[float, float] = (0.9, 0.99)
@@ -303,7 +315,17 @@ class TrainConfig(Section):
                              "train.method: lora on CPU")
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+        if self.schedule == "wsd" and self.warmup_steps > self.steps - self.decay_steps:
+            raise ValueError(
+                f"train.warmup_steps ({self.warmup_steps}) overlaps the wsd decay (the last "
+                f"{self.decay_steps} of train.steps {self.steps}, from train.decay_fraction "
+                f"{self.decay_fraction}): shorten one of them")
         return self
+
+    @property
+    def decay_steps(self) -> int:
+        """`wsd`: the steps at the end of the run over which the LR decays."""
+        return max(1, round(self.decay_fraction * self.steps))
 
     @property
     def final_lr(self) -> float:
@@ -382,6 +404,15 @@ class TuneConfig(Section):
     with the final one."""
     reduction_factor: int = Field(2, ge=2)
     """ASHA: keep the top 1/reduction_factor of trials at each rung."""
+    rung_cooldown: float | None = Field(None, gt=0, le=1)
+    """Score each rung (`grace_period * reduction_factor^k` steps, below `train.steps`)
+    after a cooldown, as this fraction of the rung's steps (0.1-0.2, say): the trial forks
+    its state in memory, decays the LR from its current value to `train.min_lr` over
+    that many steps on the next training batches, evaluates the fork, reports that loss to
+    ASHA and the searcher (`search_loss`), then restores its own state exactly and goes on.
+    The forks' steps count in `tokens` and `tune.max_tokens`. Counters short-horizon bias,
+    best with `train.schedule: wsd`. With `scheduler: fifo` the forks still run and are
+    recorded, but stop nothing. Unset: rungs score the trial's own val_loss."""
     startup_trials: int | None = Field(None, ge=1)
     """TPE: trials sampled at random before TPE models the results. Unset: a third of
     `num_trials`, at least 2 and at most 10 (Optuna's own default of 10 would leave a
@@ -591,6 +622,9 @@ class JobSpec(Section):
                 raise ValueError(f"tune.search_space: {key!r} is not a spec field path")
             if isinstance(dim, LogUniform | Uniform | IntRange) and dim.low >= dim.high:
                 raise ValueError(f"tune.search_space.{key}: low must be less than high")
+        if self.tune.rung_cooldown is not None and self.tune.multi_objective:
+            raise ValueError("tune.rung_cooldown: not with tune.multi_objective (ASHA, whose "
+                             "rungs it scores, is off then)")
         return self
 
     def with_values(self, values: dict[str, Any]) -> JobSpec:

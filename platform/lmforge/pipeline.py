@@ -226,7 +226,7 @@ def _search(spec: JobSpec, data: PreparedData, run: RunTracker, tags: dict[str, 
         "trials": len(outcome.trials), "best_config": best.config,
         "best_trial_run_id": best.mlflow_run_id,
         "trials_failed": sum(t.status == "FAILED" for t in outcome.trials),
-        "trial_steps_total": sum(t.steps for t in outcome.trials)}
+        "trial_steps_total": outcome.steps_total}
     if outcome.pareto:
         details["pareto"] = [{"config": t.config, "val_loss": t.best_val_loss,
                               "tokens_per_s": t.tokens_per_s, "mlflow_run_id": t.mlflow_run_id}

@@ -6,7 +6,8 @@ micro-steps (gradients synchronised on the last only), clip, step, log; every `e
 steps evaluate, every `checkpoint_every` steps checkpoint, and report to Ray Train. Rank 0's
 metrics go to MLflow through a `TrackingBuffer` (queued, sent in the background: an MLflow
 outage never stalls the loop); a SIGTERM to the driver stops every rank after the same step
-with a checkpoint there (`lmforge.train.preempt`).
+with a checkpoint there (`lmforge.train.preempt`). In a search with `tune.rung_cooldown`,
+each rung also forks a cooldown, scores it and restores the run (`lmforge.train.fork`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from lmforge.config import JobSpec
+from lmforge.config import JobSpec, TrainConfig
 from lmforge.data import BlockShard, PreparedData, ValidationSet
 from lmforge.model import build_model, count_parameters, flops_per_token
 from lmforge.tracking import RunTracker, TrackingBuffer
@@ -35,6 +36,7 @@ from lmforge.train.checkpoint import (
     resume_from,
     save_checkpoint,
 )
+from lmforge.train.fork import RUNG_METRIC, SEARCH_METRIC, CooldownRungs, cooldown_fork
 from lmforge.train.lora import apply_lora, describe, is_lora
 from lmforge.train.parallel import Parallel
 from lmforge.train.preempt import StopCheck, watch
@@ -64,6 +66,9 @@ class TrainerState:
     best_val_loss: float = math.inf
     evals_since_best: int = 0
     early_stop_best: float = math.inf
+    cooldown_steps: int = 0
+    """Optimizer steps trained in cooldown forks (`tune.rung_cooldown`): they count in
+    `tokens`, which budgets sum."""
 
     def record_eval(self, val_loss: float, patience: int | None, min_delta: float) -> bool:
         """Note one validation loss; True when early stopping says stop: `patience`
@@ -95,6 +100,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     data: PreparedData = config["data"]
     tracker: RunTracker | None = config.get("tracker")
     step_hook: StepHook | None = config.get("step_hook")
+    rungs: CooldownRungs | None = config.get("cooldown")
     cfg = spec.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -121,7 +127,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         resumed = resume_from(ckpt, _kept_checkpoints,
                               lambda c: _load(c, model, par, optimizer, rank), _agree, rank,
                               warn=lambda message: say(f"[lmforge] warning: {message}"))
-        state = TrainerState(**{k: resumed.state[k] for k in asdict(state)})
+        # A checkpoint from before a field existed keeps that field's default.
+        state = TrainerState(**{k: resumed.state[k] for k in asdict(state)
+                                if k in resumed.state})
         state.attempt += 1
         resumed_from, set_aside = state.step, resumed.set_aside
         say(f"[lmforge] rank {rank}: attempt {state.attempt} resumes from step {state.step}")
@@ -182,7 +190,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         # The same answer on every rank (so they all report alike); the last step needs none.
         preempted = stop_check is not None and stop_check.should_stop() and done < cfg.steps
         checkpointing = done % cfg.checkpoint_interval == 0 or done == cfg.steps
-        evaluating = checkpointing or done % cfg.eval_every == 0
+        rung = rungs is not None and done in rungs.steps and done < cfg.steps
+        evaluating = checkpointing or done % cfg.eval_every == 0 or rung
         if preempted and not evaluating:
             # Checkpoint now, without evaluating: the grace period is short.
             state.step = done
@@ -201,16 +210,29 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if log is not None:
                 log.log_table(rows, ARTIFACT)
         state.step = done
+        rung_loss = None
+        if rung:  # every rank reaches the same rungs, so all fork together
+            length = rungs.length(done)
+            rung_loss = _fork(model, par, optimizer, shard, val, cfg, rungs, done, log)
+            state.cooldown_steps += length
+            say(f"[lmforge] rung {done}: {RUNG_METRIC} {rung_loss:.4f} after a {length}-step "
+                f"cooldown fork (the run's own val_loss {val_loss:.4f}); the run goes on")
         stop = state.record_eval(val_loss, cfg.early_stopping_patience,
                                  cfg.early_stopping_min_delta)
         metrics = {"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
                    "best_val_loss": state.best_val_loss, "tokens_per_s": tokens_per_s,
-                   "tokens": done * tokens_per_step, "mlflow_run_id": run_id,
+                   "tokens": (done + state.cooldown_steps) * tokens_per_step,
+                   "cooldown_steps": state.cooldown_steps, "mlflow_run_id": run_id,
                    "attempt": state.attempt, "resumed_from_step": resumed_from,
                    "stopped_early": stop, "preempted": preempted}
+        if rungs is not None:
+            metrics[SEARCH_METRIC] = val_loss if rung_loss is None else rung_loss
+        if rung_loss is not None:
+            metrics[RUNG_METRIC] = rung_loss
         finishing = (stop or done == cfg.steps) and not preempted
         if log is not None:
-            log.log_metrics({k: metrics[k] for k in ("val_loss", "val_ppl")}, step=done)
+            log.log_metrics({k: metrics[k] for k in ("val_loss", "val_ppl", RUNG_METRIC)
+                             if k in metrics}, step=done)
             if stop:
                 say(f"[lmforge] early stop at step {done}: no better validation loss in "
                     f"{state.evals_since_best} evaluations")
@@ -226,6 +248,28 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         stop_check.close()
         if preempted and log is not None:  # the checkpoint first: the grace period is short
             log.close(min(5.0, spec.tracking.flush_timeout_s))
+
+
+def _fork(model: torch.nn.Module, par: Parallel, optimizer: torch.optim.Optimizer,
+          shard: BlockShard, val: ValidationSet, cfg: TrainConfig, rungs: CooldownRungs, rung: int,
+          log: TrackingBuffer | None) -> float:
+    """The cooldown fork at `rung` (on the next training batches), its val loss, the run
+    restored. Rank 0 logs the branch: `cooldown/<rung>/train_loss` and `/lr` at the run's
+    own step numbers, and `/val_loss` at its last step."""
+    prefix, length = rungs.branch_prefix(rung), rungs.length(rung)
+
+    def batches(step: int) -> Any:
+        return (shard.batch(step * cfg.grad_accum + m) for m in range(cfg.grad_accum))
+
+    def on_step(step: int, lr: float, loss: torch.Tensor) -> None:
+        if log is not None:  # .item() syncs, on rank 0 only: a fork is a few dozen steps
+            log.log_metrics({f"{prefix}train_loss": loss.item(), f"{prefix}lr": lr}, step=step)
+
+    loss = cooldown_fork(model, par, optimizer, cfg, rung, length, batches,
+                         lambda: evaluate(model, val, par.device, par), on_step)
+    if log is not None:
+        log.log_metrics({f"{prefix}val_loss": loss}, step=rung + length)
+    return loss
 
 
 def _report(metrics: dict[str, Any], model: torch.nn.Module, par: Parallel,

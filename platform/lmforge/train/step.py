@@ -28,11 +28,27 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine decay to `final_lr` at the last step (steps - 1)."""
+    """Linear warmup to `lr`, then either cosine decay to `final_lr` at the last step
+    (steps - 1), or (`wsd`) `lr` held until the last `decay_steps`, which decay to
+    `final_lr` at the last step."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        start = cfg.steps - cfg.decay_steps
+        if step < start:
+            return cfg.lr
+        return decay_lr(step - start, cfg.decay_steps, cfg.lr, cfg.final_lr, cfg.decay_shape)
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)
     return cfg.final_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.final_lr)
+
+
+def decay_lr(i: int, n: int, start_lr: float, final_lr: float, shape: str) -> float:
+    """Step `i` of an `n`-step decay from `start_lr` to `final_lr` (reached at i = n - 1):
+    WSD's decay phase and a rung's cooldown fork. The first step is already below
+    `start_lr`, the step before the decay ran at it."""
+    progress = (i + 1) / n
+    left = 1 - progress if shape == "linear" else 1 - math.sqrt(progress)  # 1-sqrt
+    return final_lr + left * (start_lr - final_lr)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,

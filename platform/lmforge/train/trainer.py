@@ -28,6 +28,7 @@ from lmforge.runs import require_shared_storage
 from lmforge.storage import resolve
 from lmforge.tracking import RunTracker
 from lmforge.train.checkpoint import DCP_DIR, export_hf, set_aside_reason
+from lmforge.train.fork import CooldownRungs
 from lmforge.train.loop import StepHook, say, train_fn_per_worker
 from lmforge.train.lora import check_supported, is_adapter_checkpoint
 from lmforge.train.preempt import Preempted, Preemption
@@ -89,7 +90,8 @@ class Deadline(ControllerCallback):
 
 def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
                   callbacks: Sequence[UserCallback | ControllerCallback] = (),
-                  step_hook: StepHook | None = None, stop_flag: Any = None) -> TorchTrainer:
+                  step_hook: StepHook | None = None, stop_flag: Any = None,
+                  cooldown: CooldownRungs | None = None) -> TorchTrainer:
     """`stop_flag`: a `StopFlag` handle whose request makes every worker checkpoint at the
     next step boundary and stop (`lmforge.train.preempt`)."""
     cfg = spec.train
@@ -98,7 +100,7 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"spec": spec, "data": data, "tracker": tracker,
-                           "step_hook": step_hook,
+                           "step_hook": step_hook, "cooldown": cooldown,
                            "stop_flag": stop_flag},
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
@@ -122,7 +124,8 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
 def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
                  callbacks: Sequence[UserCallback | ControllerCallback] = (),
                  step_hook: StepHook | None = None, preemptible: bool = False,
-                 stop_flag: Any = None) -> TrainOutcome:
+                 stop_flag: Any = None,
+                 cooldown: CooldownRungs | None = None) -> TrainOutcome:
     """Train run `name` to `train.steps` (or an early stop). Ray Train continues the run
     from the latest checkpoint it finds in storage under `name`: whether that is wanted
     (`--resume`) or refused is the caller's rule (`lmforge.runs.NamedRun`).
@@ -134,10 +137,13 @@ def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, 
     the workers checkpoint at the next step boundary and stop, and this raise
     `Preempted` (`lmforge.train.preempt`). `stop_flag`: the same stop asked by someone
     else (a search's driver, through its `StopFlag`), for a run that is not in the main
-    thread (a trial); it raises `Preempted` too."""
+    thread (a trial); it raises `Preempted` too.
+
+    `cooldown`: the steps at which every worker scores a cooldown fork (a search's rungs
+    with `tune.rung_cooldown`; `lmforge.train.fork`)."""
     preemption = Preemption() if preemptible else None
     trainer = build_trainer(spec, data, tracker, name, callbacks, step_hook,
-                            preemption.flag if preemption else stop_flag)
+                            preemption.flag if preemption else stop_flag, cooldown)
     try:
         result = preemption.run(trainer.fit) if preemption else trainer.fit()
     finally:

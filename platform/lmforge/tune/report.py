@@ -29,6 +29,8 @@ class TrialOutcome:
     checkpoint: str | None
     mlflow_run_id: str
     error: str | None
+    cooldown_steps: int = 0
+    """Steps trained in cooldown forks at rungs (`tune.rung_cooldown`), besides `steps`."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,11 @@ class SearchOutcome:
     trials: list[TrialOutcome]
     pareto: list[TrialOutcome] = field(default_factory=list)
     """Multi-objective only: the trials no other trial beats on both val_loss and tokens/s."""
+
+    @property
+    def steps_total(self) -> int:
+        """Optimizer steps the search trained: every trial's, cooldown forks included."""
+        return sum(t.steps + t.cooldown_steps for t in self.trials)
 
 
 
@@ -124,7 +131,7 @@ def log_search(parent: RunTracker, spec: JobSpec, outcome: SearchOutcome) -> Non
     parent.log_metrics({"trials": len(outcome.trials),
                         "trials_failed": sum(t.status == "FAILED" for t in outcome.trials),
                         "trials_stopped": sum(t.status == "STOPPED" for t in outcome.trials),
-                        "trial_steps_total": sum(t.steps for t in outcome.trials),
+                        "trial_steps_total": outcome.steps_total,
                         "best_val_loss": outcome.best.best_val_loss}, step=0)
     study = _study(outcome.trials, cfg.search_space, cfg.multi_objective)
     _log_plots(parent, study, cfg.multi_objective)
@@ -132,6 +139,7 @@ def log_search(parent: RunTracker, spec: JobSpec, outcome: SearchOutcome) -> Non
 
 def _row(t: TrialOutcome) -> dict[str, Any]:
     return {"trial_id": t.trial_id, "status": t.status, "steps": t.steps,
+            "cooldown_steps": t.cooldown_steps,
             "best_val_loss": t.best_val_loss, "val_loss": t.val_loss,
             "tokens_per_s": round(t.tokens_per_s, 1), "tokens": t.tokens,
             **{k: _primitive(v) for k, v in t.config.items()},

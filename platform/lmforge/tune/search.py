@@ -42,14 +42,15 @@ from lmforge.tune.report import (
 )
 from lmforge.tune.snapshot import StateSnapshots, repair
 from lmforge.tune.space import distributions
-from lmforge.tune.trial import train_driver_fn
+from lmforge.tune.trial import ranking_metric, train_driver_fn
 
 # --- searcher, scheduler, budget -----------------------------------------------------
 
 
 def objectives(cfg: TuneConfig) -> dict[str, str]:
     """Metric -> mode the searcher optimises: val_loss, plus tokens_per_s when multi-objective."""
-    return {cfg.metric: "min"} | ({"tokens_per_s": "max"} if cfg.multi_objective else {})
+    return {ranking_metric(cfg): "min"} | ({"tokens_per_s": "max"} if cfg.multi_objective
+                                           else {})
 
 
 def startup_trials(cfg: TuneConfig) -> int:
@@ -70,7 +71,7 @@ def make_searcher(cfg: TuneConfig) -> OptunaSearch:
     goals = objectives(cfg)
     space = distributions(cfg.search_space)
     if len(goals) == 1:
-        return OptunaSearch(space, metric=cfg.metric, mode="min", sampler=sampler)
+        return OptunaSearch(space, metric=ranking_metric(cfg), mode="min", sampler=sampler)
     return OptunaSearch(space, metric=list(goals), mode=list(goals.values()), sampler=sampler)
 
 
@@ -78,7 +79,9 @@ def make_scheduler(spec: JobSpec) -> ASHAScheduler | FIFOScheduler:
     cfg = spec.tune
     if cfg.scheduler == "fifo" or cfg.multi_objective:
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="step", metric=cfg.metric, mode="min", max_t=spec.train.steps,
+    # With cooldown rungs, the result at a rung carries the fork's loss as `search_loss`.
+    return ASHAScheduler(time_attr="step", metric=ranking_metric(cfg), mode="min",
+                         max_t=spec.train.steps,
                          grace_period=min(cfg.grace_period, spec.train.steps),
                          reduction_factor=cfg.reduction_factor)
 
@@ -115,7 +118,7 @@ class TokenBudget(Stopper):
 # rest of `tune` (enabled, storage_path, driver_cpus) is read afresh on a resume.
 _RESTORED = ("num_trials", "max_tokens", "time_budget_s", "max_concurrent_trials", "metric",
              "multi_objective", "searcher", "scheduler", "search_space", "grace_period",
-             "reduction_factor", "startup_trials", "seed")
+             "reduction_factor", "startup_trials", "seed", "rung_cooldown")
 
 
 def search_settings(cfg: TuneConfig) -> dict[str, Any]:
@@ -250,6 +253,7 @@ def _outcome(result: tune.Result, runs: dict[str, Any], steps: int,
         best_val_loss=float(m.get("best_val_loss", math.inf)),
         tokens_per_s=float(m.get("tokens_per_s", 0.0)),
         tokens=int(m.get("tokens", 0)),
+        cooldown_steps=int(m.get("cooldown_steps", 0)),
         checkpoint=_best_checkpoint_path(result, fs),
         mlflow_run_id=m.get("mlflow_run_id") or (run.info.run_id if run else ""),
         error=f"{type(result.error).__name__}: {result.error}"[:2000] if result.error else None,

@@ -5,6 +5,7 @@ trial at a rung) and logged to the trial's MLflow run, a child of the search's."
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 import traceback
@@ -16,10 +17,11 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from lmforge.config import JobSpec
+from lmforge.config import JobSpec, TuneConfig
 from lmforge.data import PreparedData
 from lmforge.tracking import RunTracker, record_failure
 from lmforge.train import Preempted, run_training
+from lmforge.train.fork import SEARCH_METRIC, CooldownRungs
 from lmforge.train.loop import StepHook
 from lmforge.train.trainer import Deadline
 
@@ -41,6 +43,30 @@ class ReportToTune(TuneReportCallback):
         if metrics and metrics[0].get("preempted"):
             return
         super().after_report(run_context, metrics, checkpoint)
+
+
+def rung_steps(spec: JobSpec) -> list[int]:
+    """ASHA's milestones below `train.steps`: grace_period * reduction_factor^k, computed
+    as Ray's `_Bracket` does (a unit test holds the two together)."""
+    cfg, max_t = spec.tune, spec.train.steps
+    grace = min(cfg.grace_period, max_t)
+    count = int(math.log(max_t / grace) / math.log(cfg.reduction_factor) + 1)
+    return [r for k in range(count) if (r := grace * cfg.reduction_factor ** k) < max_t]
+
+
+def cooldown_rungs(spec: JobSpec) -> CooldownRungs | None:
+    """Where each trial forks a cooldown (`tune.rung_cooldown`), or None. With
+    `scheduler: fifo` too: the forks are then recorded, stopping nothing (what
+    `bench/tune.py efficiency` measures rung rankings with)."""
+    if spec.tune.rung_cooldown is None:
+        return None
+    return CooldownRungs(tuple(rung_steps(spec)), spec.tune.rung_cooldown)
+
+
+def ranking_metric(cfg: TuneConfig) -> str:
+    """The metric ASHA and the searcher rank trials by: the fork's loss at cooldown rungs
+    (`search_loss`), else `tune.metric`."""
+    return cfg.metric if cfg.rung_cooldown is None else SEARCH_METRIC
 
 
 def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
@@ -97,7 +123,8 @@ def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
         with metrics:
             within(timeout_s, started, lambda: run_training(
                 trial_spec, data, tracker, name=name, callbacks=callbacks,
-                step_hook=step_hook, stop_flag=stop_flag))
+                step_hook=step_hook, stop_flag=stop_flag,
+                cooldown=cooldown_rungs(spec)))
     except Preempted as e:
         if tracker is not None:
             record_failure(tracker, e, traceback.format_exc(), status="KILLED", curve=True)

@@ -1,0 +1,289 @@
+"""WSD schedules and cooldown forks (issue 17), without Ray: the LR curves, the rungs that
+fork, and a fork that leaves the run exactly as it was."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from ray.tune.schedulers import ASHAScheduler
+
+from lmforge.config import JobSpec, ModelConfig, SpecError, TrainConfig, load
+from lmforge.model import build_model
+from lmforge.train.fork import CooldownRungs, Snapshot, cooldown_fork
+from lmforge.train.parallel import Parallel
+from lmforge.train.step import decay_lr, lr_at, make_optimizer, train_step
+from lmforge.tune.report import SearchOutcome, TrialOutcome
+from lmforge.tune.search import make_scheduler, make_searcher
+from lmforge.tune.trial import cooldown_rungs, ranking_metric, rung_steps
+
+CPU = torch.device("cpu")
+
+# --- schedules ------------------------------------------------------------------------
+
+
+def schedule(cfg: TrainConfig) -> list[float]:
+    return [lr_at(step, cfg) for step in range(cfg.steps)]
+
+
+def test_cosine_stays_the_default_schedule():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1e-3)
+    assert cfg.schedule == "cosine"
+    progress = (50 - 10) / (99 - 10)
+    assert lr_at(50, cfg) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * progress))
+                                           * 9e-4)
+
+
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
+def test_wsd_warms_up_holds_then_decays_to_min_lr_over_the_last_fraction(shape):
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-5, schedule="wsd",
+                      decay_fraction=0.2, decay_shape=shape)
+    lrs = schedule(cfg)
+    assert lrs[:10] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+    assert lrs[9:80] == [1e-3] * 71  # stable: exactly lr until the decay
+    decay = lrs[80:]
+    assert len(decay) == cfg.decay_steps == 20
+    assert all(b < a for a, b in zip([1e-3, *decay], decay, strict=False))
+    assert decay[-1] == pytest.approx(1e-5)  # the last step the loop runs is at min_lr
+    half = decay[9]  # progress 0.5
+    expected = 1e-5 + (0.5 if shape == "linear" else 1 - math.sqrt(0.5)) * (1e-3 - 1e-5)
+    assert half == pytest.approx(expected)
+
+
+def test_one_minus_sqrt_drops_faster_early_than_linear():
+    lin = [decay_lr(i, 50, 1.0, 0.0, "linear") for i in range(50)]
+    sqrt = [decay_lr(i, 50, 1.0, 0.0, "1-sqrt") for i in range(50)]
+    assert sqrt[0] < lin[0] and sqrt[10] < lin[10]
+    assert lin[-1] == sqrt[-1] == 0.0
+
+
+def test_wsd_decay_steps_round_and_are_at_least_one():
+    assert TrainConfig(steps=2000, schedule="wsd", decay_fraction=0.15).decay_steps == 300
+    assert TrainConfig(steps=10, warmup_steps=2, schedule="wsd",
+                       decay_fraction=0.01).decay_steps == 1
+
+
+def test_wsd_warmup_overlapping_the_decay_is_refused_naming_the_fields(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("train: {steps: 100, warmup_steps: 90, schedule: wsd, "
+                    "decay_fraction: 0.2}\n")
+    with pytest.raises(SpecError, match=r"train.warmup_steps \(90\).*train.decay_fraction"):
+        load(path)
+    with pytest.raises(SpecError, match="train.decay_shape"):
+        load(path, ["train.warmup_steps=10", "train.decay_shape=cosine"])
+
+
+# --- rungs and what the search ranks by ------------------------------------------------
+
+
+@pytest.mark.parametrize(("steps", "grace", "rf"), [(2000, 250, 4), (2000, 250, 3),
+                                                     (2000, 250, 2), (100, 10, 3), (60, 80, 2)])
+def test_rung_steps_are_ashas_milestones_below_the_last_step(steps, grace, rf):
+    spec = JobSpec.model_validate({"train": {"steps": steps, "warmup_steps": 1},
+                                   "tune": {"grace_period": grace, "reduction_factor": rf}})
+    asha = make_scheduler(spec)
+    milestones = sorted(m for m, _ in asha._brackets[0]._rungs)  # Ray's own
+    assert rung_steps(spec) == [m for m in milestones if m < steps]
+
+
+def test_rung_steps_of_the_reference_search():
+    spec = JobSpec.model_validate({"train": {"steps": 2000},
+                                   "tune": {"grace_period": 250, "reduction_factor": 4,
+                                            "rung_cooldown": 0.2}})
+    rungs = cooldown_rungs(spec)
+    assert rungs.steps == (250, 1000)
+    assert (rungs.length(250), rungs.length(1000)) == (50, 200)
+    assert cooldown_rungs(spec.with_values({"tune.rung_cooldown": None})) is None
+
+
+def test_cooldown_rungs_rank_by_the_forks_loss():
+    off = JobSpec.model_validate({"tune": {"grace_period": 10}})
+    on = off.with_values({"tune.rung_cooldown": 0.1})
+    assert ranking_metric(off.tune) == "val_loss"  # today's behaviour, unchanged
+    assert make_scheduler(off)._metric == make_searcher(off.tune)._metric == "val_loss"
+    assert ranking_metric(on.tune) == "search_loss"
+    assert make_scheduler(on)._metric == make_searcher(on.tune)._metric == "search_loss"
+    assert isinstance(make_scheduler(on), ASHAScheduler)
+
+
+def test_rung_cooldown_is_refused_with_multi_objective(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("tune: {multi_objective: true, rung_cooldown: 0.1}\n")
+    with pytest.raises(SpecError, match="tune.rung_cooldown"):
+        load(path)
+
+
+def test_search_steps_count_the_forks():
+    def trial(steps: int, forks: int) -> TrialOutcome:
+        return TrialOutcome("t", {}, "STOPPED", steps, 2.0, 2.0, 1.0, 0, None, "", None,
+                            cooldown_steps=forks)
+    outcome = SearchOutcome(best=trial(2000, 250), trials=[trial(2000, 250), trial(250, 50)])
+    assert outcome.steps_total == 2000 + 250 + 250 + 50
+
+
+# --- the fork ------------------------------------------------------------------------
+
+TINY = ModelConfig(n_layer=2, n_embd=32, n_head=4, block_size=16, dropout=0.1)
+VOCAB = 50
+
+
+def batches(step: int, accum: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Micro-batches of optimizer step `step`: a pure function of the step, as BlockShard's."""
+    g = torch.Generator().manual_seed(1000 + step)
+    rows = torch.randint(1, VOCAB, (accum, 4, TINY.block_size + 1), generator=g)
+    return [(r[:, :-1], r[:, 1:]) for r in rows]
+
+
+def held_out_loss(model: torch.nn.Module) -> float:
+    g = torch.Generator().manual_seed(7)
+    rows = torch.randint(1, VOCAB, (8, TINY.block_size + 1), generator=g)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=rows[:, :-1]).logits
+    model.train()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten()).item()
+
+
+def run(cfg: TrainConfig, rungs: CooldownRungs | None, par: Parallel | None = None,
+        wrap: bool = False) -> tuple[list[float], list[torch.Tensor], dict[int, float]]:
+    """The loop's shape: train cfg.steps steps (dropout on), forking at `rungs`. Returns
+    the run's own losses, its final parameters and the forks' scores."""
+    par = par or Parallel(cfg, CPU)
+    torch.manual_seed(0)
+    model = build_model(TINY, VOCAB, 0)
+    model = par.wrap(model) if wrap else model
+    optimizer = make_optimizer(model, cfg, CPU)
+    torch.manual_seed(1)  # the dropout stream the fork must give back
+    losses, scores = [], {}
+    model.train()
+    for step in range(cfg.steps):
+        loss, _ = train_step(model, par, optimizer, batches(step), lr_at(step, cfg))
+        losses.append(loss.item())
+        done = step + 1
+        if rungs is not None and done in rungs.steps:
+            scores[done] = cooldown_fork(model, par, optimizer, cfg, done, rungs.length(done),
+                                         batches, lambda: held_out_loss(model))
+    return losses, [p.detach().clone() for p in model.parameters()], scores
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_a_run_with_cooldown_forks_is_bit_for_bit_the_run_without(schedule):
+    cfg = TrainConfig(steps=24, warmup_steps=3, lr=3e-3, min_lr=1e-4, grad_accum=2,
+                      schedule=schedule, weight_decay=0.1)
+    plain_losses, plain_params, _ = run(cfg, None)
+    losses, params, scores = run(cfg, CooldownRungs((6, 12), 0.5))
+    assert losses == plain_losses  # exactly: same floats, not approx
+    assert all(torch.equal(a, b) for a, b in zip(plain_params, params, strict=True))
+    assert set(scores) == {6, 12}
+    # The forks trained for real: their scores are not the run's own at those steps.
+    assert all(np.isfinite(s) for s in scores.values())
+
+
+def test_the_fork_trains_with_decaying_lr_on_the_next_batches():
+    cfg = TrainConfig(steps=20, warmup_steps=2, lr=3e-3, min_lr=1e-4, schedule="wsd",
+                      decay_fraction=0.1)
+    par = Parallel(cfg, CPU)
+    torch.manual_seed(0)
+    model = build_model(TINY.model_copy(update={"dropout": 0.0}), VOCAB, 0)
+    optimizer = make_optimizer(model, cfg, CPU)
+    for step in range(10):
+        train_step(model, par, optimizer, batches(step), lr_at(step, cfg))
+    before = held_out_loss(model)
+    seen: list[tuple[int, float]] = []
+    fork_params: list[torch.Tensor] = []
+
+    def score() -> float:
+        fork_params.extend(p.detach().clone() for p in model.parameters())
+        return held_out_loss(model)
+
+    fork = cooldown_fork(model, par, optimizer, cfg, 10, 5, batches, score,
+                         on_step=lambda step, lr, loss: seen.append((step, lr)))
+    assert [s for s, _ in seen] == [11, 12, 13, 14, 15]  # on the run's own step axis
+    lrs = [lr for _, lr in seen]
+    assert lrs[0] < 3e-3 and lrs == sorted(lrs, reverse=True)
+    assert lrs[-1] == pytest.approx(1e-4)
+    assert fork != before
+    assert held_out_loss(model) == before  # restored
+    assert not all(torch.equal(a, b) for a, b in zip(fork_params, model.parameters(),
+                                                     strict=True))
+
+
+def test_snapshot_restores_optimizer_moments_scaler_and_rng():
+    cfg = TrainConfig(lr=1e-2, precision="fp16")
+    par = Parallel(cfg, CPU)
+    torch.manual_seed(0)
+    model = build_model(TINY, VOCAB, 0)
+    optimizer = make_optimizer(model, cfg, CPU)
+    train_step(model, par, optimizer, batches(0), 1e-2)
+    moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+    scale = par.scaler.get_scale()
+    saved = Snapshot(model, optimizer, par)
+    draw = torch.rand(3)
+    for step in range(1, 4):
+        train_step(model, par, optimizer, batches(step), 1e-3)
+    par.scaler.update(123.0)
+    saved.restore()
+    assert torch.equal(torch.rand(3), draw)  # the same RNG stream again
+    assert par.scaler.get_scale() == scale
+    for p, state in optimizer.state.items():
+        assert all(torch.equal(v, moments[id(p)][k]) for k, v in state.items())
+    assert all(g["lr"] == 1e-2 for g in optimizer.param_groups)
+
+
+def test_a_fork_under_fsdp_restores_the_sharded_run(process_group):
+    cfg = TrainConfig(steps=12, warmup_steps=2, lr=3e-3, strategy="fsdp", grad_accum=2)
+    par = Parallel(cfg, CPU)
+    plain_losses, plain_params, _ = run(cfg, None, par, wrap=True)
+    losses, params, scores = run(cfg, CooldownRungs((5,), 0.6), par, wrap=True)
+    assert losses == plain_losses and set(scores) == {5}
+    assert all(torch.equal(a.full_tensor(), b.full_tensor())
+               for a, b in zip(plain_params, params, strict=True))
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-rank gloo group: enough for FSDP2 (DTensor parameters and moments)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _ddp_rank(rank: int, world: int, init: str, out: str) -> None:
+    """One DDP rank: the run with and without forks; writes whether they agree exactly."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        cfg = TrainConfig(steps=10, warmup_steps=2, lr=3e-3, grad_accum=2)
+        par = Parallel(cfg, CPU)
+        assert par.distributed
+        global batches
+        each_rank = batches
+        batches = lambda step, accum=2: each_rank(step * world + rank, accum)  # noqa: E731
+        plain = run(cfg, None, par, wrap=True)
+        forked = run(cfg, CooldownRungs((4,), 0.5), par, wrap=True)
+        same = plain[0] == forked[0] and all(
+            torch.equal(a, b) for a, b in zip(plain[1], forked[1], strict=True))
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(f"{same} {forked[2][4]}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_fork_together_and_restore_exactly(tmp_path):
+    """Two gloo ranks (processes, no Ray): the fork's steps all-reduce like the run's, and
+    both ranks give back the run they had, bit for bit, with the same fork score."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "result")
+    mp.start_processes(_ddp_rank, args=(2, f"file://{tmp_path / 'pg'}", out), nprocs=2,
+                       join=True, start_method="fork")
+    results = [open(f"{out}.{r}").read().split() for r in range(2)]
+    assert [same for same, _ in results] == ["True", "True"]
+    assert results[0][1] == results[1][1]  # one fork, scored alike on every rank
