@@ -12,7 +12,9 @@ where a random side with cooldown forks forks), --random-from FILE, which reuses
 search's side from an earlier run's output (it is deterministic for the same trials,
 steps, seed and random-side settings) so another ASHA setting costs only its own search,
 --only random|asha (one side alone; save the line for --random-from), and --asha-set /
---random-set KEY=VALUE for one side's overrides. Cooldown rungs, issue 17:
+--random-set KEY=VALUE for one side's overrides. `replay --random-from FILE` replays ASHA
+(with a random sampler) over a saved random side's trials (`asha_replay`). Cooldown
+rungs, issue 17:
 
     nice -n 19 .venv/bin/python bench/tune.py efficiency --seed 2 --reduction-factor 4 \
         --only random --random-set tune.rung_cooldown=0.2 train.schedule=wsd > random.json
@@ -185,6 +187,62 @@ def _searched(summary: Summary, wall_s: float, forks_count: bool = True) -> dict
             "configs": [t["config"] for t in curves]}  # and its sampled values
 
 
+def asha_replay(histories: list[list[list[float]]], rungs: list[dict[str, list[float]]],
+                grace: int, reduction_factor: int, steps: int,
+                cooldown: bool) -> dict[str, Any]:
+    """ASHA over random search's trials, replayed exactly from their recorded curves: the
+    trials one at a time in their order, each stopped where Ray's own ASHA bracket
+    (`_Bracket`, fed the same rewards) would have stopped it. Exact because a trial's own
+    curve does not depend on the scheduler (nor, bit for bit, on its cooldown forks), and
+    random search samples the same trials whatever their results: this is ASHA with a
+    random sampler; TPE, whose samples depend on the results, cannot be replayed.
+
+    `cooldown`: rank at rungs by the forks' scores (and count the forks' steps, as a
+    search with `tune.rung_cooldown` runs them), else by the trials' own val_loss.
+    Returns the steps spent, the best val_loss any evaluation reached, and each trial's
+    stopping step."""
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    bracket = _Bracket(grace, steps, reduction_factor, s=0)
+    spent, best, stops = 0, float("inf"), []
+    for i, (history, forks) in enumerate(zip(histories, rungs, strict=True)):
+        trial = type("Trial", (), {"trial_id": str(i)})()
+        end, fork_steps = history[-1][0], 0
+        for step, loss in history:
+            best = min(best, loss)
+            if cooldown and str(int(step)) in forks:
+                score, length = forks[str(int(step))]
+                fork_steps += length
+            elif cooldown and int(step) in {r for r, _ in bracket._rungs} and step < steps:
+                raise ValueError(f"trial {i} has no fork score at rung {step}")
+            else:
+                score = loss
+            if step >= steps:  # ASHA stops every trial at max_t; it ends there anyway
+                break
+            if bracket.on_result(trial, step, -score) == TrialScheduler.STOP:
+                end = step
+                break
+        spent += int(end) + fork_steps
+        stops.append(int(end))
+    return {"steps": spent, "best_val_loss": best, "stopped_at": stops}
+
+
+def replays(random: dict[str, Any], head: dict[str, Any]) -> dict[str, Any]:
+    """`asha_replay` of random search's trials, ranking rungs by their own val_loss and
+    (when the random side forked) by the forks' scores, beside random search's figures."""
+    args = (random["histories"], random.get("rungs") or [{}] * len(random["histories"]),
+            head["rungs"]["grace_period"], head["rungs"]["reduction_factor"],
+            head["steps_per_trial"])
+    out = {"own_val_loss": asha_replay(*args, cooldown=False)}
+    if random.get("fork_steps"):
+        out["cooldown"] = asha_replay(*args, cooldown=True)
+    for r in out.values():
+        r["ratio"] = round(r["steps"] / random["steps"], 3)
+        r["met"] = r["best_val_loss"] <= random["best_val_loss"] + 1e-12 and r["ratio"] <= 1 / 3
+    return {"asha_random_replay": out}
+
+
 def _earlier_random(path: Path, trials: int, steps: int, seed: int,
                     random_set: tuple[str, ...]) -> dict[str, Any]:
     """Random search's side from an earlier run's JSON line: it does not depend on the
@@ -226,8 +284,13 @@ def efficiency(trials: int, steps: int | None, seed: int = 0,
                   f"train.warmup_steps={min(100, steps // 10)}"]
     # Both sides: a random side with cooldown forks forks at ASHA's rungs.
     extra += [f"tune.reduction_factor={reduction_factor}"] if reduction_factor else []
+    from lmforge.config import load
+
+    rungs_of = load(SPEC, extra).tune  # the rungs ASHA uses (and random's forks fork at)
     head = {"bench": "efficiency", "trials": trials, "steps_per_trial": steps or 2000,
             "seed": seed, "reduction_factor": reduction_factor or "the spec's",
+            "rungs": {"grace_period": rungs_of.grace_period,
+                      "reduction_factor": rungs_of.reduction_factor},
             "overrides": list(overrides), "asha_set": list(asha_set),
             "random_set": list(random_set)}
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp:
@@ -239,7 +302,7 @@ def efficiency(trials: int, steps: int | None, seed: int = 0,
             random = _earlier_random(random_from, trials, steps or 2000, seed, random_set)
         if only == "random":
             return {**head, "rank_correlation_with_final": _rank_signal(random["histories"]),
-                    "random": random}
+                    **replays(random, head), "random": random}
         asha = _searched(*_search(extra + [
             "tune.searcher=tpe", "tune.scheduler=asha", "tracking.run_name=asha-tpe",
             *asha_set], Path(tmp) / "asha"))
@@ -289,7 +352,7 @@ def _ends(summary: dict[str, Any]) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["quality", "efficiency", "overhead"])
+    parser.add_argument("which", choices=["quality", "efficiency", "overhead", "replay"])
     parser.add_argument("--trials", type=int, default=None,
                         help="efficiency: trials per search (default 12); overhead: K (6)")
     parser.add_argument("--steps", type=int, default=None,
@@ -310,7 +373,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*",
                         help="quality, efficiency (both searches): spec overrides, key=value")
     args = parser.parse_intermixed_args()
-    if args.which == "quality":
+    if args.which == "replay":  # bench/tune.py replay --random-from OUT.json
+        old = json.loads(args.random_from.read_text().strip().splitlines()[-1])
+        result = {k: v for k, v in old.items() if k != "random"} | replays(old["random"], old)
+    elif args.which == "quality":
         result = quality(args.overrides)
     elif args.which == "efficiency":
         if args.only == "asha" and args.random_from is None:

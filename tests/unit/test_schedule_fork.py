@@ -287,3 +287,30 @@ def test_ddp_ranks_fork_together_and_restore_exactly(tmp_path):
     results = [open(f"{out}.{r}").read().split() for r in range(2)]
     assert [same for same, _ in results] == ["True", "True"]
     assert results[0][1] == results[1][1]  # one fork, scored alike on every rank
+
+
+def test_bench_replays_asha_over_random_searchs_trials_by_fork_scores():
+    """bench/tune.py's replay of ASHA (Ray's own bracket) over recorded trials: ranking by
+    the forks' scores keeps the trial whose fork is best though its own loss was worst,
+    and the forks' steps are counted."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "tune.py"
+    spec = importlib.util.spec_from_file_location("bench_tune", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # Three trials of 40 steps, rungs at 10 and 20 (grace 10, reduction factor 2). The
+    # third is worst by its own loss at step 10, best once cooled (and at the end).
+    histories = [[[10, 2.0], [20, 1.8], [30, 1.7], [40, 1.6]],
+                 [[10, 2.1], [20, 1.9], [30, 1.8], [40, 1.7]],
+                 [[10, 2.5], [20, 2.0], [30, 1.6], [40, 1.4]]]
+    forks = [{"10": [1.9, 2], "20": [1.7, 4]}, {"10": [2.0, 2], "20": [1.8, 4]},
+             {"10": [1.5, 2], "20": [1.5, 4]}]
+    own = bench.asha_replay(histories, forks, 10, 2, 40, cooldown=False)
+    cooled = bench.asha_replay(histories, forks, 10, 2, 40, cooldown=True)
+    assert own["stopped_at"] == [40, 10, 10] and own["steps"] == 60
+    assert own["best_val_loss"] == 1.6
+    assert cooled["stopped_at"] == [40, 10, 40]
+    assert cooled["steps"] == (40 + 6) + (10 + 2) + (40 + 6)
+    assert cooled["best_val_loss"] == 1.4
