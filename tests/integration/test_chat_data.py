@@ -67,7 +67,7 @@ def test_chat_records_on_ray_data(ray_cluster, tmp_path):
     write_records(bad, 10)
     with open(bad / "chat.jsonl", "a") as f:
         f.write(json.dumps({"messages": [{"role": "robot", "content": "beep"}]}) + "\n")
-    with pytest.raises(Exception, match=r"bad/chat.jsonl: messages\[0\].role: 'robot'"):
+    with pytest.raises(ValueError, match=r"bad/chat.jsonl: messages\[0\].role: 'robot'"):
         stage.run_stage(data.model_copy(update={"path": str(bad)}), BPE, block_size=64)
 
 
