@@ -302,19 +302,29 @@ class Hosts:
         """An object-store URI under this run's bucket."""
         return f"s3://{BUCKET}/{prefix.strip('/')}"
 
+    def _bucket_fs(self):  # noqa: ANN202 (pyarrow is imported lazily)
+        import pyarrow.fs
+
+        return pyarrow.fs.S3FileSystem(endpoint_override=self.s3_url, scheme="http",
+                                       access_key=S3_KEYS["AWS_ACCESS_KEY_ID"],
+                                       secret_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+                                       region=S3_KEYS["AWS_REGION"])
+
     def list_bucket(self, prefix: str = "") -> list[str]:
         """Keys of the bucket under `prefix` (objects, not directory markers), as seen from
         the test process."""
         import pyarrow.fs
 
-        fs = pyarrow.fs.S3FileSystem(endpoint_override=self.s3_url, scheme="http",
-                                     access_key=S3_KEYS["AWS_ACCESS_KEY_ID"],
-                                     secret_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
-                                     region=S3_KEYS["AWS_REGION"])
         selector = pyarrow.fs.FileSelector(f"{BUCKET}/{prefix}".rstrip("/"), recursive=True,
                                            allow_not_found=True)
-        return sorted(i.path.removeprefix(f"{BUCKET}/") for i in fs.get_file_info(selector)
+        return sorted(i.path.removeprefix(f"{BUCKET}/")
+                      for i in self._bucket_fs().get_file_info(selector)
                       if i.type == pyarrow.fs.FileType.File)
+
+    def read_object(self, key: str) -> bytes:
+        """The content of object `key` of the bucket, as seen from the test process."""
+        with self._bucket_fs().open_input_stream(f"{BUCKET}/{key}") as f:
+            return f.read()
 
     def env(self, host: Host, **extra: str) -> dict[str, str]:
         """The environment of a process on `host`: this checkout's code (PYTHONPATH kept),
