@@ -16,13 +16,11 @@ assistant token of the same (untrained) model on both entries: they must agree.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.json as pa_json
 import torch
 
 from lmforge.config import DataConfig, ModelConfig, TokenizerConfig, TrainConfig
@@ -36,20 +34,11 @@ from lmforge.train.step import evaluate, make_optimizer, train_step
 MICRO_BATCH = 8
 
 
-def in_process(source: stage.Source, data: DataConfig, job: stage.PackJob) -> list[dict]:
-    parts = []
-    for f in source.files:
-        table = pa_json.read_json(f.path)
-        table = table.append_column("path", [[f.path] * len(table)])
-        parts.append(json.loads(stage.pack_block(table, job).column("part")[0].as_py()))
-    return parts
-
-
 def measure(records: Path, cache: Path, packing: bool, block: int) -> dict[str, float]:
     data_cfg = DataConfig(path=str(records), format="chat", packing=packing,
                           cache_dir=str(cache))
     result = stage.run_stage(data_cfg, TokenizerConfig(kind="bpe", vocab_size=2048),
-                             run_blocks=in_process, block_size=block, log=lambda m: None)
+                             run_blocks=stage.local_blocks, block_size=block, log=lambda m: None)
     data = stage.PreparedData(result.fingerprint, result.entry, result.manifest)
     m = result.manifest
     rows = sum(s.rows for s in m.train)

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.json as pa_json
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,17 +20,6 @@ from lmforge.data.blocks import BlockShard, ValidationSet
 from lmforge.data.tokenizer import EOS, build_tokenizer
 from lmforge.model import build_model
 from lmforge.train.step import evaluate, lm_loss
-
-
-def in_process(source: stage.Source, data: DataConfig, job: stage.PackJob) -> list[dict]:
-    """Each file is one block, packed here instead of in a Ray worker; rows carry their
-    file's path as Ray Data's reader adds it (`include_paths`)."""
-    parts = []
-    for f in source.files:
-        table = pa_json.read_json(f.path)
-        table = table.append_column("path", [[f.path] * len(table)])
-        parts.append(json.loads(stage.pack_block(table, job).column("part")[0].as_py()))
-    return parts
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 ?.,!\n<|>_"
 
@@ -172,7 +160,7 @@ def chat_entry(tmp_path: Path, records: list[dict], block_size: int = 72, **data
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     cfg = DataConfig(path=str(path), format="chat", cache_dir=str(tmp_path / "cache"),
                      val_fraction=0.2, **data)
-    return stage.run_stage(cfg, TokenizerConfig(kind="char"), run_blocks=in_process,
+    return stage.run_stage(cfg, TokenizerConfig(kind="char"), run_blocks=stage.local_blocks,
                            block_size=block_size), cfg
 
 
@@ -230,7 +218,7 @@ def test_a_bad_record_stops_the_stage_naming_file_and_field(tmp_path):
     cfg = DataConfig(path=str(path), format="chat", cache_dir=str(tmp_path / "cache"))
 
     with pytest.raises(ValueError, match=r"chat.jsonl: messages\[0\].role: 'robot'"):
-        stage.run_stage(cfg, TokenizerConfig(kind="char"), run_blocks=in_process,
+        stage.run_stage(cfg, TokenizerConfig(kind="char"), run_blocks=stage.local_blocks,
                         block_size=48)
 
 
@@ -367,20 +355,12 @@ def test_parquet_instruction_records_give_the_jsonl_examples(tmp_path):
     (tmp_path / "p").mkdir()
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "p" / "a.parquet")
 
-    def parquet_in_process(source, data, job):  # noqa: ANN001, ANN202
-        out = []
-        for f in source.files:
-            table = pq.read_table(f.path)
-            table = table.append_column("path", [[f.path] * len(table)])
-            out.append(json.loads(stage.pack_block(table, job).column("part")[0].as_py()))
-        return out
-
     rows = {}
-    for kind, runner in (("j", in_process), ("p", parquet_in_process)):
+    for kind in ("j", "p"):
         cfg = DataConfig(path=str(tmp_path / kind), format="instruction",
                          cache_dir=str(tmp_path / f"cache-{kind}"))
-        result = stage.run_stage(cfg, TokenizerConfig(kind="char"), run_blocks=runner,
-                                 block_size=64)
+        result = stage.run_stage(cfg, TokenizerConfig(kind="char"),
+                                 run_blocks=stage.local_blocks, block_size=64)
         assert result.manifest.stats["examples"] == 40
         rows[kind] = np.concatenate([np.load(Path(result.entry) / s.file)
                                      for s in result.manifest.train])

@@ -47,17 +47,10 @@ def test_spec_prompts_are_user_turns_through_the_template(tmp_path):
 def test_text_prompts_are_openings_of_validation_blocks(tmp_path, write_jsonl, make_text):
     path = write_jsonl([{"text": make_text(i)} for i in range(30)])
     result = stage.run_stage(DataConfig(path=str(path), cache_dir=str(tmp_path / "c")),
-                             TokenizerConfig(kind="char"), run_blocks=_text_in_process)
+                             TokenizerConfig(kind="char"), run_blocks=stage.local_blocks)
     data = prepared(result)
     prompts = sample_prompts(data, TrainConfig(samples=2), 32, data.tokenizer())
     assert len(prompts) == 2 and all(len(p.ids) == 16 for p in prompts)
-
-
-def _text_in_process(source, data, job):  # noqa: ANN001, ANN202
-    import pyarrow.json as pa_json
-
-    return [json.loads(stage.pack_block(pa_json.read_json(f.path), job).column("part")[0]
-                       .as_py()) for f in source.files]
 
 
 def test_greedy_completion_matches_transformers_generate():

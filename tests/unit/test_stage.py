@@ -1,20 +1,17 @@
 """The data stage without Ray: listing and fingerprint, the document split, one block of
 work (shards, part marker, reuse), and the manifest written last.
 
-`run_stage` takes its block runner as an argument; here `in_process` stands in for Ray
+`run_stage` takes its block runner as an argument; here `stage.local_blocks` stands in for Ray
 Data by packing each file as one block in this process (tests/integration runs the real
 one).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.json as pa_json
 import pytest
 
 from lmforge.config import DataConfig, TokenizerConfig
@@ -24,16 +21,6 @@ from lmforge.data.stage import prepare_data
 from lmforge.data.tokenizer import EOS
 
 CHAR = TokenizerConfig(kind="char")
-
-
-def in_process(source: stage.Source, data: DataConfig, job: stage.PackJob) -> list[dict]:
-    """Each file is one block, packed here instead of in a Ray worker."""
-    if source.kind == "json":
-        tables = [pa_json.read_json(f.path) for f in source.files]
-    else:
-        tables = [pa.table({"bytes": [source.fs.open_input_stream(f.path).read()]})
-                  for f in source.files]
-    return [json.loads(stage.pack_block(t, job).column("part")[0].as_py()) for t in tables]
 
 
 def cfg(tmp_path: Path, **data) -> DataConfig:
@@ -155,7 +142,7 @@ def test_documents_per_sample_by(sample_by, expected):
 
 
 def test_the_entry_holds_every_document_once_with_eos(tmp_path, docs_dir):
-    result = stage.run_stage(cfg(tmp_path, path=str(docs_dir)), CHAR, run_blocks=in_process)
+    result = stage.run_stage(cfg(tmp_path, path=str(docs_dir)), CHAR, run_blocks=stage.local_blocks)
     tok = stage_tokenizer(result)
     train, val = load_split(result, "train"), load_split(result, "validation")
     docs = sorted((docs_dir / f"{i}.txt").read_text() for i in range(6))
@@ -180,7 +167,7 @@ def stage_tokenizer(result: stage.StageResult):
 def test_shards_are_fixed_size_but_the_last_of_a_block(tmp_path, make_text):
     (tmp_path / "big.txt").write_text(make_text(0, paragraphs=200))
     data = cfg(tmp_path, path=str(tmp_path / "big.txt"), shard_tokens=4096, val_fraction=0.2)
-    result = stage.run_stage(data, CHAR, run_blocks=in_process)
+    result = stage.run_stage(data, CHAR, run_blocks=stage.local_blocks)
     sizes = [s.tokens for s in result.manifest.train]
     assert len(sizes) > 3 and set(sizes[:-1]) == {4096} and 0 < sizes[-1] <= 4096
     assert [np.load(os.path.join(result.entry, s.file)).size for s in result.manifest.train] \
@@ -202,7 +189,7 @@ def test_manifest_is_written_last_and_a_killed_stage_leaves_none(tmp_path, docs_
 
     monkeypatch.setattr(stage, "put_bytes", killed_at_the_fourth_block)
     with pytest.raises(KeyboardInterrupt):
-        stage.run_stage(data, CHAR, run_blocks=in_process)
+        stage.run_stage(data, CHAR, run_blocks=stage.local_blocks)
     entry = tmp_path / "cache" / fp(data)
     assert not (entry / MANIFEST).exists()
     assert len(list((entry / "parts").iterdir())) == 3
@@ -215,7 +202,7 @@ def test_manifest_is_written_last_and_a_killed_stage_leaves_none(tmp_path, docs_
     real_manifest = stage.write_manifest
     monkeypatch.setattr(stage, "write_manifest", lambda entry, manifest: (
         writes.append(f"{entry}/{MANIFEST}"), real_manifest(entry, manifest)))
-    result = stage.run_stage(data, CHAR, run_blocks=in_process)
+    result = stage.run_stage(data, CHAR, run_blocks=stage.local_blocks)
     assert result.reused_blocks == 3 and result.blocks == 6
     assert writes[-1].endswith(MANIFEST) and sum(w.endswith(MANIFEST) for w in writes) == 1
     assert not any("/tokenizer/" in w for w in writes)  # the killed run's tokenizer is kept
@@ -223,13 +210,13 @@ def test_manifest_is_written_last_and_a_killed_stage_leaves_none(tmp_path, docs_
     assert all((entry / s.file).is_file() for s in manifest.train + manifest.validation)
     assert len(load_split(result, "train")) == manifest.tokens("train")
     clean = stage.run_stage(cfg(tmp_path / "clean", path=str(docs_dir)), CHAR,
-                            run_blocks=in_process)
+                            run_blocks=stage.local_blocks)
     assert clean.manifest.train == manifest.train  # same shards as a run never killed
 
 
 def test_second_run_is_cached_without_building(tmp_path, docs_dir):
     data = cfg(tmp_path, path=str(docs_dir))
-    first = stage.run_stage(data, CHAR, run_blocks=in_process)
+    first = stage.run_stage(data, CHAR, run_blocks=stage.local_blocks)
 
     def no_build(*args):
         raise AssertionError("a cached entry was built again")
@@ -241,10 +228,10 @@ def test_second_run_is_cached_without_building(tmp_path, docs_dir):
 
 def test_a_missing_shard_is_rebuilt_not_trusted(tmp_path, docs_dir):
     data = cfg(tmp_path, path=str(docs_dir))
-    first = stage.run_stage(data, CHAR, run_blocks=in_process)
+    first = stage.run_stage(data, CHAR, run_blocks=stage.local_blocks)
     lost = first.manifest.train[2]
     os.remove(os.path.join(first.entry, lost.file))
-    again = stage.run_stage(data, CHAR, run_blocks=in_process)
+    again = stage.run_stage(data, CHAR, run_blocks=stage.local_blocks)
     assert not again.cached and again.reused_blocks == 5  # only the damaged block redone
     assert again.manifest == first.manifest
     assert os.path.isfile(os.path.join(first.entry, lost.file))
@@ -261,7 +248,7 @@ def test_bpe_is_trained_on_a_bounded_sample(tmp_path, docs_dir, monkeypatch):
 
     monkeypatch.setattr(stage, "sample_texts", spy)
     tok = TokenizerConfig(kind="bpe", vocab_size=300, train_sample_bytes=3000)
-    result = stage.run_stage(cfg(tmp_path, path=str(docs_dir)), tok, run_blocks=in_process)
+    result = stage.run_stage(cfg(tmp_path, path=str(docs_dir)), tok, run_blocks=stage.local_blocks)
     assert seen and seen[0] <= 3000
     assert 256 < result.manifest.vocab_size <= 300
     text = (docs_dir / "3.txt").read_text()  # mostly outside the sample, still round-trips
@@ -271,7 +258,7 @@ def test_bpe_is_trained_on_a_bounded_sample(tmp_path, docs_dir, monkeypatch):
 def test_jsonl_text_field_is_checked_and_named(tmp_path, write_jsonl, make_text):
     path = write_jsonl([{"body": make_text(0)}])
     with pytest.raises(ValueError, match="data.text_field") as info:
-        stage.run_stage(cfg(tmp_path, path=str(path)), CHAR, run_blocks=in_process)
+        stage.run_stage(cfg(tmp_path, path=str(path)), CHAR, run_blocks=stage.local_blocks)
     assert "body" in str(info.value)
 
 
@@ -279,7 +266,8 @@ def test_jsonl_text_field_is_checked_and_named(tmp_path, write_jsonl, make_text)
 
 
 def test_prepared_data_describes_its_entry(tmp_path, docs_dir):
-    prepared = prepare_data(cfg(tmp_path, path=str(docs_dir)), CHAR, 16, run_blocks=in_process)
+    prepared = prepare_data(cfg(tmp_path, path=str(docs_dir)), CHAR, 16,
+                            run_blocks=stage.local_blocks)
     assert prepared.entry == str(tmp_path / "cache" / prepared.fingerprint)
     assert prepared.vocab_size == len(prepared.tokenizer())
     assert prepared.eos_id == prepared.tokenizer().eos_token_id
@@ -292,7 +280,7 @@ def test_sample_by_line_makes_one_document_per_line(tmp_path):
     text = "".join(f"line number {i}, with some words\n" for i in range(60))
     (tmp_path / "lines.txt").write_text(text)
     prepared = prepare_data(cfg(tmp_path, path=str(tmp_path / "lines.txt"), sample_by="line",
-                                val_fraction=0.3), CHAR, 8, run_blocks=in_process)
+                                val_fraction=0.3), CHAR, 8, run_blocks=stage.local_blocks)
     eos = sum(int((np.load(prepared.local_path(s.file)) == prepared.eos_id).sum())
               for s in prepared.manifest.train + prepared.manifest.validation)
     assert eos == 60
@@ -302,7 +290,7 @@ def test_jsonl_corpus_with_custom_text_field(tmp_path, write_jsonl, make_text):
     docs = [make_text(i, paragraphs=2) for i in range(12)]
     path = write_jsonl([{"id": i, "body": t} for i, t in enumerate(docs)])
     prepared = prepare_data(cfg(tmp_path, path=str(path), text_field="body", val_fraction=0.3),
-                            CHAR, 16, run_blocks=in_process)
+                            CHAR, 16, run_blocks=stage.local_blocks)
     tok = prepared.tokenizer()
     got = [d for split in ("train", "validation") for s in prepared.manifest.shards(split)
            for d in tok.decode(np.load(prepared.local_path(s.file))).split(EOS) if d]
@@ -313,7 +301,7 @@ def test_corpus_smaller_than_a_block_is_refused(tmp_path):
     (tmp_path / "tiny.txt").write_text("only a few characters here\n" * 3)
     with pytest.raises(ValueError, match="model.block_size"):
         prepare_data(cfg(tmp_path, path=str(tmp_path / "tiny.txt")), CHAR, 64,
-                     run_blocks=in_process)
+                     run_blocks=stage.local_blocks)
 
 
 def test_the_sample_stops_at_its_budget_on_whole_json_lines(tmp_path, write_jsonl):

@@ -713,6 +713,29 @@ def ray_blocks(source: Source, data: DataConfig, job: PackJob) -> list[dict[str,
         raise ValueError(message) from e
 
 
+def local_blocks(source: Source, data: DataConfig, job: PackJob) -> list[dict[str, Any]]:
+    """`ray_blocks` without Ray, for the unit tests and benchmarks that pack a small local
+    corpus: each file is one block, read with pyarrow the way Ray Data's reader for its kind
+    reads it (records carry their file's path, as `include_paths` adds it), and packed here."""
+    import pyarrow.json as pa_json
+    import pyarrow.parquet as pq
+
+    records = data.format != "text"
+    parts = []
+    for f in source.files:
+        if source.kind == "json":
+            table = pa_json.read_json(source.fs.open_input_stream(f.path))
+        elif source.kind == "parquet":
+            table = pq.read_table(f.path, filesystem=source.fs,
+                                  columns=None if records else [data.text_field])
+        else:
+            table = pa.table({"bytes": [source.fs.open_input_stream(f.path).read()]})
+        if records and source.kind in ("json", "parquet"):
+            table = table.append_column("path", pa.array([f.path] * len(table)))
+        parts.append(json.loads(pack_block(table, job).column("part")[0].as_py()))
+    return parts
+
+
 _SPEC_ERROR = re.compile(r"ValueError: ((?:data|tokenizer|model)\.\w+: .*)")
 
 
