@@ -20,6 +20,8 @@ from lmforge.registry import load_model
 from lmforge.serve import deploy, serving_app
 from lmforge.tracking import RunTracker
 
+pytestmark = pytest.mark.long  # pretrain, LoRA fine-tune and serve: minutes (`make test-long`)
+
 REGISTER = Stages(search=False, register=True, serve_check=False)
 
 

@@ -8,10 +8,13 @@ import os
 from pathlib import Path
 
 import pyarrow.fs
+import pytest
 
 from lmforge.storage import resolve
 
 from .helpers import SPEC, lmforge, own_cluster_env
+
+pytestmark = pytest.mark.long  # train and a 2-trial search on S3: minutes (`make test-long`)
 
 
 def _listing(uri: str) -> list[str]:
