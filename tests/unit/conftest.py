@@ -147,3 +147,15 @@ def tokenizer_dir(char_tok, tmp_path: Path) -> str:
     d = tmp_path / "tokenizer"
     char_tok.save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-rank gloo group: enough for FSDP2 (DTensor parameters and moments) and
+    distributed checkpoints without Ray."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -242,17 +242,6 @@ def test_a_fork_under_fsdp_restores_the_sharded_run(process_group):
                for a, b in zip(plain_params, params, strict=True))
 
 
-@pytest.fixture
-def process_group(tmp_path):
-    """A one-rank gloo group: enough for FSDP2 (DTensor parameters and moments)."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
-                            world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def _ddp_rank(rank: int, world: int, init: str, out: str) -> None:
     """One DDP rank: the run with and without forks; writes whether they agree exactly."""
     import torch.distributed as dist

@@ -271,17 +271,6 @@ def test_export_of_a_ddp_checkpoint_is_a_loadable_hf_directory(trained, tmp_path
         assert torch.allclose(reloaded(input_ids=x).logits, model.eval()(input_ids=x).logits)
 
 
-@pytest.fixture
-def process_group(tmp_path):
-    """A one-rank gloo group: enough for FSDP2 and distributed checkpoints without Ray."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
-                            world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_fsdp_checkpoint_round_trip_and_export(process_group, tmp_path, tokenizer_dir):
     """FSDP2 writes sharded torch.distributed.checkpoint files; they resume the same model
     and optimizer, and export to one Hugging Face directory that serves the same logits."""

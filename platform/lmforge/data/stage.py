@@ -471,10 +471,8 @@ class ShardWriter:
         return self.written
 
     def _flush(self) -> None:
-        name = f"{self.split}/{self.key}-{len(self.written):04d}.npy"
-        out = io.BytesIO()
-        np.save(out, self.buf[:self.fill])
-        put_bytes(self.fs, f"{self.root}/{name}", out.getbuffer())
+        name = put_shard(self.fs, self.root, self.split, self.key, len(self.written),
+                         self.buf[:self.fill])
         self.written.append({"split": self.split, "file": name, "tokens": int(self.fill)})
         self.fill = 0
 
@@ -503,14 +501,22 @@ class RowWriter:
         return self.written
 
     def _flush(self) -> None:
-        name = f"{self.split}/{self.key}-{len(self.written):04d}.npy"
         rows = np.stack(self.buf)
-        out = io.BytesIO()
-        np.save(out, rows)
-        put_bytes(self.fs, f"{self.root}/{name}", out.getbuffer())
+        name = put_shard(self.fs, self.root, self.split, self.key, len(self.written), rows)
         self.written.append({"split": self.split, "file": name, "tokens": self.tokens,
                              "rows": len(rows)})
         self.buf, self.tokens = [], 0
+
+
+def put_shard(fs: pafs.FileSystem, root: str, split: str, key: str, index: int,
+              array: np.ndarray) -> str:
+    """Write `array` as the shard `<split>/<key>-<index>.npy` under `root` (whole or not at
+    all) and return that name, as the manifest lists it."""
+    name = f"{split}/{key}-{index:04d}.npy"
+    out = io.BytesIO()
+    np.save(out, array)
+    put_bytes(fs, f"{root}/{name}", out.getbuffer())
+    return name
 
 
 def put_bytes(fs: pafs.FileSystem, path: str, data: bytes | memoryview) -> None:
