@@ -98,7 +98,9 @@ def test_lora_worker_killed_mid_run_resumes_from_the_adapter_checkpoint(
     steps = 40
     lora = [f"model.pretrained={base}", "tokenizer.kind=pretrained", f"tokenizer.path={base}",
             "train.method=lora", "train.lr=1e-2", f"train.steps={steps}", "train.eval_every=10",
-            "train.max_failures=2"]
+            "train.max_failures=2", "train.keep_checkpoints=10"]
+    # Every checkpoint kept, as in the test below: Ray's retention keeps the best by val
+    # loss, and deletes step 20's once newer ones rank above it.
     spec = tiny_spec(*lora)
     data = prepare_data(spec.data, spec.tokenizer, spec.model.block_size)
     reference = run_training(spec, data, None, name="lora-reference")
