@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cloudpickle
 import httpx
@@ -36,6 +37,9 @@ from lmforge.config import JobSpec, load
 from lmforge.registry import LoadedModel
 
 from .integration.helpers import BIN, SPEC, TRAIN_POLL_ENV, free_port, wait_until
+
+if TYPE_CHECKING:
+    import pyarrow.fs
 
 # tiny_model is handed to Serve replicas, which cannot import this module: ship it by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -259,14 +263,18 @@ class S3Server:
                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                 "AWS_EC2_METADATA_DISABLED": "true"}  # no lookups of an instance profile
 
-    def bucket(self) -> str:
-        """A new empty bucket; returns `s3://NAME`."""
+    def fs(self) -> pyarrow.fs.S3FileSystem:
+        """pyarrow's S3 filesystem on this server (paths are `BUCKET/KEY`, no scheme)."""
         import pyarrow.fs
 
+        return pyarrow.fs.S3FileSystem(endpoint_override=self.endpoint_url,
+                                       access_key="testing", secret_key="testing",
+                                       region="us-east-1", allow_bucket_creation=True)
+
+    def bucket(self) -> str:
+        """A new empty bucket; returns `s3://NAME`."""
         name = f"lmf-{uuid.uuid4().hex[:12]}"
-        pyarrow.fs.S3FileSystem(endpoint_override=self.endpoint_url, access_key="testing",
-                                secret_key="testing", region="us-east-1",
-                                allow_bucket_creation=True).create_dir(name)
+        self.fs().create_dir(name)
         return f"s3://{name}"
 
 

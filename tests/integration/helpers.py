@@ -16,17 +16,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
-
-import pyarrow.fs
 
 from lmforge.cluster import free_port
 
 __all__ = ["BIN", "ROOT", "SPEC", "TRAIN_POLL_ENV", "TRAIN_POLL_S", "file_size", "free_port",
-           "kill_driver_when", "lmforge", "moto_s3", "own_cluster_env", "replica_pids",
-           "replica_states", "s3fs", "tree_size", "user_env", "wait_until"]
+           "kill_driver_when", "lmforge", "own_cluster_env", "replica_pids",
+           "replica_states", "tree_size", "user_env", "wait_until"]
 
 SPEC = Path(__file__).parent / "specs" / "tiny.yaml"
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,39 +201,3 @@ def replica_pids(app: str) -> set[int]:
                          filters=[("class_name", "=", f"ServeReplica:{app}:TextGenerator"),
                                   ("state", "=", "ALIVE")])
     return {a.pid for a in actors}
-
-
-# --- an S3-compatible store -----------------------------------------------------------
-
-
-def moto_s3(tmp_path: Path, bucket: str = "lmforge-data") -> Iterator[dict[str, str]]:
-    """A moto S3 server (`moto_server`, a subprocess, so processes that start their own Ray
-    can reach it too) on a free port, with `bucket` made; yields the environment that points
-    pyarrow at it (AWS_ENDPOINT_URL, dummy keys). For a fixture: `yield from moto_s3(...)`."""
-    port = free_port()
-    log = (tmp_path / "moto.log").open("w")
-    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    try:
-        def bucket_made() -> bool:
-            try:
-                s3fs(env).create_dir(bucket)
-                return True
-            except OSError:  # not listening yet
-                return False
-
-        wait_until(bucket_made, "moto server up", timeout_s=60, interval_s=0.1)
-        yield env
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
-
-
-def s3fs(env: dict[str, str]) -> pyarrow.fs.S3FileSystem:
-    return pyarrow.fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing",
-                             secret_key="testing", region="us-east-1",
-                             allow_bucket_creation=True)

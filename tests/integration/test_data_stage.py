@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +19,8 @@ from lmforge.data import stage
 from lmforge.data.manifest import MANIFEST, Manifest
 from lmforge.data.tokenizer import EOS
 
-from .helpers import SPEC, lmforge, moto_s3, own_cluster_env, s3fs
+from ..ray_fixtures import S3Server
+from .helpers import SPEC, lmforge, own_cluster_env
 
 BPE = TokenizerConfig(kind="bpe", vocab_size=400)
 
@@ -79,27 +78,30 @@ def test_txt_jsonl_and_parquet_on_ray_data(ray_cluster, tmp_path):
 
 
 @pytest.fixture
-def s3(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A moto S3 server (a subprocess) on a free port with bucket `lmforge-data`; yields the
-    environment that points pyarrow (and so lmforge and its Ray workers) at it."""
-    yield from moto_s3(tmp_path)
+def s3(s3_server: S3Server) -> tuple[S3Server, str]:
+    """The session's moto S3 server (a subprocess: lmforge and its Ray workers reach it
+    through `server.env`) and a new bucket of this test's own (its name, no scheme)."""
+    return s3_server, s3_server.bucket().removeprefix("s3://")
 
 
-def s3_corpus(fs: pafs.S3FileSystem, docs: list[str], per_file: int = 10) -> None:
+def s3_corpus(fs: pafs.S3FileSystem, bucket: str, docs: list[str], per_file: int = 10) -> None:
     for i in range(0, len(docs), per_file):
-        with fs.open_output_stream(f"lmforge-data/corpus/{i // per_file:03d}.txt") as out:
+        with fs.open_output_stream(f"{bucket}/corpus/{i // per_file:03d}.txt") as out:
             out.write("\n\n".join(docs[i:i + per_file]).encode())
 
 
-S3_ARGS = ["data", str(SPEC), "data.path=s3://lmforge-data/corpus/*.txt",
-           "data.sample_by=paragraph", "data.cache_dir=s3://lmforge-data/cache",
-           "data.block_bytes=40000", "tokenizer.kind=bpe",
-           f"tokenizer.vocab_size={BPE.vocab_size}"]
+def s3_args(bucket: str) -> list[str]:
+    """`lmforge data` on the corpus `s3_corpus` wrote, its entry under s3://BUCKET/cache."""
+    return ["data", str(SPEC), f"data.path=s3://{bucket}/corpus/*.txt",
+            "data.sample_by=paragraph", f"data.cache_dir=s3://{bucket}/cache",
+            "data.block_bytes=40000", "tokenizer.kind=bpe",
+            f"tokenizer.vocab_size={BPE.vocab_size}"]
 
 
-def s3_manifest(fs: pafs.S3FileSystem, fingerprint: str) -> tuple[Manifest, list[str]]:
+def s3_manifest(fs: pafs.S3FileSystem, bucket: str,
+                fingerprint: str) -> tuple[Manifest, list[str]]:
     """The entry's manifest, and the paths of the files it names that do not exist."""
-    entry = f"lmforge-data/cache/{fingerprint}"
+    entry = f"{bucket}/cache/{fingerprint}"
     with fs.open_input_stream(f"{entry}/{MANIFEST}") as f:
         manifest = Manifest.from_json(f.read().decode())
     names = [f"{entry}/{s.file}" for s in manifest.train + manifest.validation]
@@ -110,24 +112,26 @@ def test_lmforge_data_reads_and_writes_s3(s3, tmp_path):
     """Corpus (a glob) and entry on s3://, packed by `lmforge data` on its own local Ray
     (the session's cluster was started without the S3 server's environment); a second run
     is a cache hit that starts nothing."""
-    fs = s3fs(s3)
+    server, bucket = s3
+    fs = server.fs()
     docs = corpus_docs(60)
-    s3_corpus(fs, docs)
-    run = lmforge(*S3_ARGS, env=own_cluster_env(**s3), timeout_s=600, stall_s=180)
+    s3_corpus(fs, bucket, docs)
+    run = lmforge(*s3_args(bucket), env=own_cluster_env(**server.env), timeout_s=600,
+                  stall_s=180)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(summary) >= {"fingerprint", "shards", "tokens", "tokens_per_s", "wall_s",
                             "cached"}
     assert summary["cached"] is False and summary["blocks"] > 1
-    manifest, missing = s3_manifest(fs, summary["fingerprint"])
+    manifest, missing = s3_manifest(fs, bucket, summary["fingerprint"])
     assert not missing and summary["shards"] == len(manifest.train) + len(manifest.validation)
     assert summary["tokens"] == manifest.tokens("train") + manifest.tokens("validation")
 
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in s3.items():
+        for k, v in server.env.items():
             mp.setenv(k, v)
-        cached = stage.run_stage(DataConfig(path="s3://lmforge-data/corpus/*.txt",
+        cached = stage.run_stage(DataConfig(path=f"s3://{bucket}/corpus/*.txt",
                                             sample_by="paragraph", block_bytes=40000,
-                                            cache_dir="s3://lmforge-data/cache"), BPE,
+                                            cache_dir=f"s3://{bucket}/cache"), BPE,
                                  run_blocks=lambda *a: pytest.fail("a whole entry was rebuilt"))
     assert cached.cached and cached.manifest == manifest
