@@ -83,9 +83,10 @@ def kill_after_checkpoint(info: StepInfo, at_step: int, checkpoint_step: int,
 
 def test_lora_worker_killed_mid_run_resumes_from_the_adapter_checkpoint(
         ray_cluster, tiny_spec, chaos_result, tmp_path: Path):
-    """A LoRA run (adapters on a local base) loses a worker at step 25: Ray Train restarts
-    the group, every worker loads the base from `model.pretrained` again and the adapter
-    and its optimizer state from the step-20 checkpoint, and the run ends with the
+    """A LoRA run under FSDP2 (adapters on a local base, sharded with it per block; DDP
+    LoRA runs in tests/integration/test_finetune.py) loses a worker at step 25: Ray Train
+    restarts the group, every worker loads the base from `model.pretrained` again and the
+    adapter and its optimizer state from the step-20 checkpoint, and the run ends with the
     uninterrupted run's validation loss."""
     from lmforge.config import TokenizerConfig
     from lmforge.data.tokenizer import build_tokenizer
@@ -97,7 +98,8 @@ def test_lora_worker_killed_mid_run_resumes_from_the_adapter_checkpoint(
     build_model(tiny_spec().model, len(tok), tok.eos_token_id).save_pretrained(base)
     steps = 40
     lora = [f"model.pretrained={base}", "tokenizer.kind=pretrained", f"tokenizer.path={base}",
-            "train.method=lora", "train.lr=1e-2", f"train.steps={steps}", "train.eval_every=10",
+            "train.method=lora", "train.strategy=fsdp", "train.lr=1e-2", f"train.steps={steps}",
+            "train.eval_every=10",
             "train.max_failures=2", "train.keep_checkpoints=10"]
     # Every checkpoint kept, as in the test below: Ray's retention keeps the best by val
     # loss, and deletes step 20's once newer ones rank above it.
@@ -113,7 +115,7 @@ def test_lora_worker_killed_mid_run_resumes_from_the_adapter_checkpoint(
 
     run_dir = tmp_path / "ray" / "lora-killed"
     chaos_result("LoRA: a worker killed mid-run",
-                 load=f"2-worker DDP LoRA training, {steps} steps, a checkpoint every 10",
+                 load=f"2-worker FSDP2 LoRA training, {steps} steps, a checkpoint every 10",
                  faults="rank 1 SIGKILLed at step 25",
                  lost=f"{steps - outcome.steps} steps (5 redone from the adapter checkpoint)",
                  resumed_from_step=outcome.resumed_from_step, attempts=outcome.attempts,

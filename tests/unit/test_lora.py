@@ -1,7 +1,8 @@
 """LoRA (`train.method: lora`): only the adapters train and sit in the optimizer; the
-checkpoint holds the adapter only and resumes exactly; the merged model computes what the
-adapted one does; the spec refuses what cannot run, naming the field; a registered model
-serves as the base (`models:/NAME/VERSION`, downloaded once)."""
+checkpoint holds the adapter only and resumes exactly, unsharded and under FSDP2; the
+merged model computes what the adapted one does; the spec refuses what cannot run, naming
+the field; a registered model serves as the base (`models:/NAME/VERSION`, downloaded
+once)."""
 
 from __future__ import annotations
 
@@ -129,6 +130,42 @@ def test_checkpoint_holds_the_adapter_only_and_resumes_exactly(base_dir, tokeniz
     for (n, a), b in zip(model.state_dict().items(), restored.state_dict().values(),
                          strict=True):
         assert torch.equal(a, b), n
+
+
+def test_under_fsdp2_the_adapters_train_as_unsharded_and_resume_exactly(
+        base_dir, tokenizer_dir, tmp_path, process_group):
+    """FSDP2 (a one-rank gloo group: DTensor parameters and moments) shards base and
+    adapters per block: training gives the unsharded run's adapters; its checkpoint is the
+    adapter only, gathered whole, and a fresh sharded model resumes from it exactly."""
+    def sharded(spec: JobSpec):
+        model = adapted(spec, base_dir)
+        par = Parallel(spec.train, torch.device("cpu"))
+        model = par.wrap(model)
+        return model, par, make_optimizer(model, spec.train)
+
+    def whole(model) -> dict[str, torch.Tensor]:
+        return {n: getattr(v, "full_tensor", lambda v=v: v)().detach()
+                for n, v in model.state_dict().items()}
+
+    spec = lora_spec(base_dir, strategy="fsdp")
+    model, par, optimizer = sharded(spec)
+    reference = adapted(lora_spec(base_dir), base_dir)  # the same adapters, unsharded
+    train(reference, lora_spec(base_dir), 2)
+    train(model, spec, 2, optimizer)
+    for n, want in whole(reference).items():
+        assert torch.allclose(whole(model)[n], want, atol=1e-6), n
+
+    save_checkpoint(tmp_path, model, par, optimizer, 0, tokenizer_dir, {"step": 2})
+    assert not (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "adapter_model.safetensors").stat().st_size < \
+        4 * trainable_parameters(model) + 10_000  # the adapters, whole, fp32
+    restored, _, restored_opt = sharded(spec)  # fresh adapters: different until loaded
+    load_checkpoint(tmp_path, restored, par, restored_opt, 0)
+    train(model, spec, 2, optimizer)
+    train(restored, spec, 2, restored_opt)  # equal only if the optimizer state came back too
+    ours, theirs = whole(model), whole(restored)
+    for n, a in ours.items():
+        assert torch.equal(a, theirs[n]), n
 
 
 def test_a_full_checkpoint_is_not_loaded_as_an_adapter(base_dir, tiny_model, tokenizer_dir,
