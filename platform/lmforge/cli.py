@@ -10,9 +10,9 @@ import json
 import os
 import signal
 import sys
-import threading
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -316,20 +316,52 @@ def serve(
         err.print(f"[bold red]cannot serve[/] {e}", highlight=False, markup=True)
         raise typer.Exit(2) from None
     init_ray()
-    url = deploy(serving, job.serve)
-    err.print(f"Serving [bold]{model_uri}[/] at {url}/v1 (playground: {url}/; Ctrl-C stops)")
-    print(json.dumps({"url": url, "model_uri": model_uri}), flush=True)
-    # Ctrl-C, `kill`, systemd and Kubernetes all mean "stop": handle both signals
-    # explicitly (a shell starts background jobs with SIGINT ignored).
-    stop_requested = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop_requested.set())
-    try:
-        while not stop_requested.wait(timeout=1.0):
-            pass
-    finally:
-        err.print("Shutting down Serve")
-        ray_serve.shutdown()
+    with StopSignals() as stop:  # caught from here: a stop during the deploy still shuts down
+        url = deploy(serving, job.serve)
+        try:
+            err.print(f"Serving [bold]{model_uri}[/] at {url}/v1 (playground: {url}/; "
+                      f"Ctrl-C stops)")
+            print(json.dumps({"url": url, "model_uri": model_uri}), flush=True)
+            stop.wait()
+        finally:
+            err.print("Shutting down Serve")
+            ray_serve.shutdown()
+
+
+class StopSignals:
+    """SIGINT and SIGTERM caught inside `with`, the previous handlers back after it; `wait()`
+    blocks until one arrives and returns it. Ctrl-C, `kill`, systemd and Kubernetes all
+    mean "stop", so both are handled explicitly (a shell starts background jobs with SIGINT
+    ignored).
+
+    The handler only appends to a list: one that takes a lock (`threading.Event.set`)
+    deadlocks the main thread when a second signal lands while the first handler holds
+    it, since the nested handler waits for a lock its own thread holds. Two signals
+    microseconds apart are ordinary: Ctrl-C reaches a wrapper (`timeout`, `make`) and its
+    child, and the wrapper forwards it too. `lmforge serve` hung for good that way."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+
+    def wait(self, poll_s: float = 0.2) -> int:
+        while not self.received:
+            time.sleep(poll_s)
+        return self.received[0]
 
 
 @app.command()
