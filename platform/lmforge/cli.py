@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -20,6 +18,7 @@ from rich.console import Console
 from lmforge.capacity import ResourceError
 from lmforge.config import JobSpec, SpecError, default_run_name, load, resolve_tracking_uri
 from lmforge.runs import NamedRun, ResumeError, RunExists, resume_target
+from lmforge.signals import StopSignals
 
 app = typer.Typer(
     help="Train, tune, track and serve language models on Ray from one YAML job spec.",
@@ -326,42 +325,6 @@ def serve(
         finally:
             err.print("Shutting down Serve")
             ray_serve.shutdown()
-
-
-class StopSignals:
-    """SIGINT and SIGTERM caught inside `with`, the previous handlers back after it; `wait()`
-    blocks until one arrives and returns it. Ctrl-C, `kill`, systemd and Kubernetes all
-    mean "stop", so both are handled explicitly (a shell starts background jobs with SIGINT
-    ignored).
-
-    The handler only appends to a list: one that takes a lock (`threading.Event.set`)
-    deadlocks the main thread when a second signal lands while the first handler holds
-    it, since the nested handler waits for a lock its own thread holds. Two signals
-    microseconds apart are ordinary: Ctrl-C reaches a wrapper (`timeout`, `make`) and its
-    child, and the wrapper forwards it too. `lmforge serve` hung for good that way."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.received: list[int] = []
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received.append(signum)
-
-    def wait(self, poll_s: float = 0.2) -> int:
-        while not self.received:
-            time.sleep(poll_s)
-        return self.received[0]
 
 
 @app.command()

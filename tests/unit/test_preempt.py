@@ -16,6 +16,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lmforge.signals import SignalFlag
 from lmforge.train.preempt import Preemption, StopCheck
 
 
@@ -60,7 +61,7 @@ class NoRay(Preemption):
     """The driver's side without Ray: records that the workers would have been told."""
 
     def __init__(self) -> None:
-        self.requested = threading.Event()
+        self.requested = SignalFlag()
         self.told = threading.Event()
 
     def _tell_workers(self) -> None:

@@ -5,7 +5,7 @@ the driver (`lmforge train|run`), not to the Ray Train workers, which may be on 
 nodes. So the signal travels in three hops, each cheap on the step loop's hot path:
 
 1. driver: `Preemption.run(fit)` handles SIGTERM while training runs; the handler only
-   sets an event (a signal handler must not do Ray calls itself), and a thread passes it
+   sets a flag (no Ray calls, no lock, no print: `lmforge.signals`), and a thread passes it
    on to `StopFlag`, a zero-CPU actor that lives as long as the run. `fit` runs in a
    thread of its own, so that the main thread, where Python runs signal handlers, is free
    to run ours at once and to put it back every 0.2 s: Ray's C++ core installs its own
@@ -36,6 +36,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import ray
+
+from lmforge.signals import SignalFlag
 
 T = TypeVar("T")
 
@@ -94,7 +96,7 @@ class Preemption:
 
     def __init__(self) -> None:
         self.flag = StopFlag.remote()
-        self.requested = threading.Event()
+        self.requested = SignalFlag()  # set in the handler: no lock (lmforge.signals)
 
     def run(self, fit: Callable[[], T]) -> T:
         """`fit()`, with SIGTERM asking the workers to checkpoint and stop meanwhile (the
@@ -107,12 +109,12 @@ class Preemption:
         def handler(signum: int, frame: Any) -> None:
             if self.requested.is_set():  # a second SIGTERM: stop waiting for the checkpoint
                 sys.exit(EXIT_CODE)
-            self.requested.set()
-            print("[lmforge] SIGTERM: saving a checkpoint at the next step boundary, then "
-                  "stopping (a second SIGTERM exits at once)", file=sys.__stderr__, flush=True)
+            self.requested.set()  # all a handler may do (lmforge.signals); forward says so
 
         def forward() -> None:
             self.requested.wait()
+            print("[lmforge] SIGTERM: saving a checkpoint at the next step boundary, then "
+                  "stopping (a second SIGTERM exits at once)", file=sys.__stderr__, flush=True)
             with contextlib.suppress(Exception):  # the run has ended meanwhile
                 self._tell_workers()
 

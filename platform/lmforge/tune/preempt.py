@@ -38,6 +38,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from lmforge.signals import SignalFlag
 from lmforge.train.preempt import EXIT_CODE, STOP_GRACE_S, StopFlag
 
 _FLAGS: dict[str, Any] = {}
@@ -69,7 +70,7 @@ class SearchStop(tune.Callback):
 
     def _fresh(self) -> None:
         self._flag: Any = None
-        self._requested = threading.Event()
+        self._requested = SignalFlag()  # set in the handler: no lock (lmforge.signals)
         self._lock = threading.Lock()
         self._running: set[str] = set()
         self._previous: Any = None
@@ -106,15 +107,15 @@ class SearchStop(tune.Callback):
     def _handle(self, signum: int, frame: Any) -> None:
         if self._requested.is_set():  # a second SIGTERM: stop waiting for the trials
             sys.exit(EXIT_CODE)
-        self._requested.set()
-        print("[lmforge] SIGTERM: every running trial saves a checkpoint at its next step "
-              "boundary, then the search's state is saved and it stops (a second SIGTERM "
-              "exits at once)", file=sys.__stderr__, flush=True)
+        self._requested.set()  # all a handler may do (lmforge.signals); _forward says so
 
     # --- the thread that waits for the trials ------------------------------------------
 
     def _forward(self) -> None:
         self._requested.wait()
+        print("[lmforge] SIGTERM: every running trial saves a checkpoint at its next step "
+              "boundary, then the search's state is saved and it stops (a second SIGTERM "
+              "exits at once)", file=sys.__stderr__, flush=True)
         flag = self._flag
         with self._lock:
             waiting = set(self._running)

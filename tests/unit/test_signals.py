@@ -1,5 +1,6 @@
-"""`lmforge serve` runs until SIGINT or SIGTERM (`cli.StopSignals`), tested in a process of
-its own: signals go to a process's main thread, and the test must not stop pytest."""
+"""`lmforge.signals`: `lmforge serve` runs until SIGINT or SIGTERM (`StopSignals`, tested in
+a process of its own: signals go to a process's main thread, and the test must not stop
+pytest); `SignalFlag`, what the SIGTERM handlers of training and search set."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
+
+from lmforge.signals import SignalFlag
 
 # Waits, prints the signal, then stays inside `with` for argv[1] seconds, as `lmforge
 # serve` does while Serve shuts down: signals still arriving meet our handler there.
 WAITER = """
 import sys, time
-from lmforge.cli import StopSignals
+from lmforge.signals import StopSignals
 with StopSignals() as stop:
     print("ready", flush=True)
     print(stop.wait(), flush=True)
@@ -52,3 +57,12 @@ def test_a_burst_of_signals_never_hangs_the_waiter():
                 break
         out, _ = proc.communicate(timeout=30)  # a deadlocked waiter: TimeoutExpired
         assert proc.returncode == 0 and out.strip() == str(int(signal.SIGINT))
+
+
+def test_a_signal_flag_wakes_its_waiter_and_times_out_unset():
+    flag = SignalFlag(poll_s=0.01)
+    assert not flag.wait(timeout=0.05) and not flag.is_set()
+    threading.Timer(0.05, flag.set).start()
+    start = time.monotonic()
+    assert flag.wait(timeout=10) and flag.is_set()
+    assert time.monotonic() - start < 5
