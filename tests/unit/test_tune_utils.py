@@ -13,7 +13,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from lmforge.config import JobSpec
 from lmforge.runs import NamedRun, ResumeError, RunState
-from lmforge.tune.report import TrialOutcome, _study, pareto_front
+from lmforge.tracking import RunTracker, experiment_id
+from lmforge.tune.report import TrialOutcome, _study, close_orphaned_trials, pareto_front
 from lmforge.tune.search import (
     TokenBudget,
     check_settings_unchanged,
@@ -234,3 +235,23 @@ def test_a_hung_trial_times_out_at_its_deadline():
     with pytest.raises(TrialTimeout, match=r"tune.trial_timeout_s \(0.8 s\)"):
         within(0.8, started, hang.wait)
     assert time.monotonic() - started == pytest.approx(0.8, abs=0.3)
+
+
+def test_resume_closes_only_the_runs_of_trials_it_runs_again(tmp_path):
+    """A driver killed after ASHA stopped a trial (its MLflow run still open) and while
+    another ran: on resume the running one's run is closed as continued elsewhere; the
+    stopped one is not run again, so its run waits for the search's end to be closed with
+    its outcome, and gets no note saying it was continued."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = experiment_id(uri, "resume", tmp_path / "mlartifacts")
+    parent = RunTracker.start(uri, experiment, "search")
+    runs = {d: RunTracker.start(uri, experiment, d, parent=parent,
+                                tags={"lmforge.trial_dir": d})
+            for d in ("stopped_by_asha", "interrupted")}
+    close_orphaned_trials(parent, ended={"stopped_by_asha"})
+    assert runs["interrupted"].status() == "KILLED"
+    assert "continued this trial under a new run" in runs["interrupted"].client.get_run(
+        runs["interrupted"].run_id).data.tags["lmforge.note"]
+    assert runs["stopped_by_asha"].status() == "RUNNING"
+    assert "lmforge.note" not in runs["stopped_by_asha"].client.get_run(
+        runs["stopped_by_asha"].run_id).data.tags

@@ -65,10 +65,14 @@ def trial_runs(parent: RunTracker) -> dict[str, Any]:
     return runs
 
 
-def close_orphaned_trials(parent: RunTracker) -> None:
-    """Child runs a killed driver left RUNNING: their trials go on under new runs."""
-    for run in trial_runs(parent).values():
-        if run.info.status == "RUNNING":
+def close_orphaned_trials(parent: RunTracker, ended: set[str]) -> None:
+    """Child runs a killed driver left RUNNING whose trials the resumed search runs again:
+    those go on under new runs. Trials Tune had already ended (`ended`: their trial
+    directories; stopped by ASHA, at a rung or at max_t, before the driver closed their
+    runs) are not run again: their runs stay for `close_stopped_trials` to close with the
+    status their outcome earns, when the resumed search ends."""
+    for trial_dir, run in trial_runs(parent).items():
+        if run.info.status == "RUNNING" and trial_dir not in ended:
             child = RunTracker(parent.uri, run.info.run_id)
             child.set_tags({"lmforge.note": "search driver killed; the resumed search "
                                             "continued this trial under a new run"})

@@ -17,6 +17,7 @@ import pyarrow.fs
 from ray import tune
 from ray.train import Checkpoint
 from ray.tune import Stopper
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -230,13 +231,27 @@ def _tuner(spec: JobSpec, name: str, trainable: Any, parent: RunTracker | None,
               "killed while writing it); resuming from the last intact copy of the "
               "search's state", file=sys.stderr, flush=True)
     if parent is not None:
-        close_orphaned_trials(parent)
+        close_orphaned_trials(parent, ended_trials(where["storage_path"],
+                                                   where["storage_filesystem"]))
     # Finished and errored trials keep their results; the searcher keeps its history and
     # the token budget its count; trials the killed (or SIGTERMed) driver left running
     # start again and continue their Train runs.
     return tune.Tuner.restore(where["storage_path"], trainable, resume_unfinished=True,
                               resume_errored=False,
                               storage_filesystem=where["storage_filesystem"])
+
+
+def ended_trials(path: str, fs: pyarrow.fs.FileSystem | None) -> set[str]:
+    """The directory names of the trials a saved search has ended (TERMINATED: finished
+    or stopped by the scheduler; ERROR): `Tuner.restore` does not run them again."""
+    try:
+        analysis = tune.ExperimentAnalysis(path, storage_filesystem=fs)
+    except Exception as e:  # Tuner.restore reads it again, and says what is wrong
+        print(f"[lmforge] could not read which trials the search had ended ({e}); their "
+              "MLflow runs are closed as continued", file=sys.stderr, flush=True)
+        return set()
+    return {Path(t.path).name for t in analysis.trials
+            if t.status in (Trial.TERMINATED, Trial.ERROR)}
 
 
 def _outcome(result: tune.Result, runs: dict[str, Any], steps: int,
