@@ -315,16 +315,16 @@ def serve(
         err.print(f"[bold red]cannot serve[/] {e}", highlight=False, markup=True)
         raise typer.Exit(2) from None
     init_ray()
-    with StopSignals() as stop:  # caught from here: a stop during the deploy still shuts down
-        url = deploy(serving, job.serve)
-        try:
+    url = deploy(serving, job.serve)  # Ctrl-C here interrupts it, as anywhere before
+    try:
+        with StopSignals() as stop:  # caught before the ready line below is printed
             err.print(f"Serving [bold]{model_uri}[/] at {url}/v1 (playground: {url}/; "
                       f"Ctrl-C stops)")
             print(json.dumps({"url": url, "model_uri": model_uri}), flush=True)
             stop.wait()
-        finally:
-            err.print("Shutting down Serve")
-            ray_serve.shutdown()
+    finally:
+        err.print("Shutting down Serve")
+        ray_serve.shutdown()
 
 
 @app.command()
