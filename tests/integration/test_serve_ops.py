@@ -50,16 +50,28 @@ def endpoint(ray_cluster):
 
 
 def test_overload_is_refused_at_once_with_429_and_retry_after(endpoint: httpx.Client):
+    """One request decoding (its first token read), then 7 at once: one of them waits for
+    the slot and is answered, the rest are refused at once.
+
+    The decoding request goes first, alone: of requests that arrive together, Serve's
+    router may refuse all but one while that one is routed (its `max_queued_requests`
+    count is checked before the first is assigned; `Router.wrap_request_assignment`
+    says so), so a burst alone guarantees only one answer."""
     def send(_: int) -> tuple[int, float, str | None]:
         start = time.perf_counter()
         r = endpoint.post("/v1/completions", json={"prompt": "the ", "max_tokens": 10})
         return r.status_code, time.perf_counter() - start, r.headers.get("retry-after")
 
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(send, range(8)))
+    decoding = {"prompt": "the ", "max_tokens": 10, "temperature": 0, "stream": True}
+    with endpoint.stream("POST", "/v1/completions", json=decoding) as first:
+        lines = first.iter_lines()
+        assert first.status_code == 200 and next(line for line in lines if line)
+        with ThreadPoolExecutor(7) as pool:
+            results = list(pool.map(send, range(7)))
+        assert "data: [DONE]" in list(lines)  # the decoding request ran to its end
     codes = [c for c, _, _ in results]
-    # One decoding and one queued are answered; the rest are refused, not left waiting.
-    assert codes.count(200) >= 2 and codes.count(429) >= 3, codes
+    # The one waiting is answered (more, if the decoding one ended while they came in).
+    assert codes.count(200) >= 1 and codes.count(429) >= 3, codes
     assert set(codes) <= {200, 429}, codes
     refused = [(t, ra) for c, t, ra in results if c == 429]
     assert all(ra == "2" for _, ra in refused)
