@@ -12,10 +12,15 @@ Here a handler only assigns or appends (atomic under the GIL), and waiting polls
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from typing import Any
 
 POLL_S = 0.1
+REPEAT_S = 1.0
+"""How far apart two SIGTERMs must be to count as two: closer ones are one stop delivered
+twice (a `kill` of a process group reaching a wrapper, such as `uv run`, that forwards it to
+its child as well)."""
 
 
 class SignalFlag:
@@ -37,6 +42,28 @@ class SignalFlag:
         while not self._set and (deadline is None or time.monotonic() < deadline):
             time.sleep(self.poll_s)
         return self._set
+
+
+class StopRequest(SignalFlag):
+    """The flag a graceful stop's SIGTERM handler sets (`handle`): the first signal asks
+    for the stop, and the caller's thread waits on it and does the work; a second one, at
+    least `repeat_s` later, exits at once with `exit_code` (the user no longer waits for
+    the checkpoint). A closer repeat is the same stop delivered twice, and is ignored."""
+
+    def __init__(self, exit_code: int, repeat_s: float = REPEAT_S,
+                 poll_s: float = POLL_S) -> None:
+        super().__init__(poll_s)
+        self.exit_code, self.repeat_s = exit_code, repeat_s
+        self._at = 0.0
+
+    def handle(self, signum: int, frame: Any) -> None:
+        """The signal handler: assignments only, or `sys.exit` (lock-free)."""
+        now = time.monotonic()
+        if not self._set:
+            self._at = now
+            self._set = True
+        elif now - self._at >= self.repeat_s:
+            sys.exit(self.exit_code)
 
 
 class StopSignals:
@@ -69,4 +96,4 @@ class StopSignals:
         return self.received[0]
 
 
-__all__ = ["SignalFlag", "StopSignals"]
+__all__ = ["REPEAT_S", "SignalFlag", "StopRequest", "StopSignals"]

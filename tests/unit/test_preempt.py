@@ -16,8 +16,8 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lmforge.signals import SignalFlag
-from lmforge.train.preempt import Preemption, StopCheck
+from lmforge.signals import StopRequest
+from lmforge.train.preempt import EXIT_CODE, Preemption, StopCheck
 
 
 def _rank(rank: int, world: int, store: str, seen_at: dict[int, int], out: dict) -> None:
@@ -61,7 +61,7 @@ class NoRay(Preemption):
     """The driver's side without Ray: records that the workers would have been told."""
 
     def __init__(self) -> None:
-        self.requested = SignalFlag()
+        self.requested = StopRequest(EXIT_CODE)
         self.told = threading.Event()
 
     def _tell_workers(self) -> None:

@@ -1,6 +1,7 @@
 """`lmforge.signals`: `lmforge serve` runs until SIGINT or SIGTERM (`StopSignals`, tested in
 a process of its own: signals go to a process's main thread, and the test must not stop
-pytest); `SignalFlag`, what the SIGTERM handlers of training and search set."""
+pytest); `SignalFlag`; and `StopRequest`, what the SIGTERM handlers of training and
+search set (a second SIGTERM exits, unless it is the first one delivered twice)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,28 @@ def test_a_signal_flag_wakes_its_waiter_and_times_out_unset():
     start = time.monotonic()
     assert flag.wait(timeout=10) and flag.is_set()
     assert time.monotonic() - start < 5
+
+
+# SIGTERM twice: argv[1] seconds apart. The first asks for the stop; prints "stopping" once
+# the flag is seen; then waits for good unless a second signal exits (143).
+TWICE = """
+import os, signal, sys, time
+from lmforge.signals import StopRequest
+stop = StopRequest(143)
+signal.signal(signal.SIGTERM, stop.handle)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(float(sys.argv[1]))
+os.kill(os.getpid(), signal.SIGTERM)
+print("stopping" if stop.wait(timeout=5) else "not asked", flush=True)
+"""
+
+
+@pytest.mark.parametrize("apart_s, code, out", [(0.0, 0, "stopping\n"), (1.2, 143, "")])
+def test_a_second_sigterm_exits_only_when_it_is_not_the_same_stop_twice(apart_s, code, out):
+    """At once after the first (a process-group kill that a wrapper also forwards): one
+    stop, the graceful one goes on. A second or more later: the user's second request,
+    which exits at once with the stop's code."""
+    done = subprocess.run([sys.executable, "-c", TWICE, str(apart_s)], capture_output=True,
+                          text=True, timeout=30,
+                          env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    assert (done.returncode, done.stdout) == (code, out), done.stderr

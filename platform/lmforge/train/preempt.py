@@ -22,7 +22,8 @@ At that boundary the workers save a checkpoint (no evaluation: the grace period 
 and report it with `preempted` set, and return; Ray Train ends the run normally, and the
 driver raises `Preempted` for the pipeline to mark the MLflow run KILLED and the CLI to
 exit 143 (128 + SIGTERM). `lmforge train SPEC --resume` continues from that checkpoint.
-A second SIGTERM does not wait for the checkpoint: the driver exits at once.
+A second SIGTERM (a second or more after the first: closer ones are the same stop
+delivered twice) does not wait for the checkpoint: the driver exits at once.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any, TypeVar
 
 import ray
 
-from lmforge.signals import SignalFlag
+from lmforge.signals import StopRequest
 
 T = TypeVar("T")
 
@@ -96,7 +97,8 @@ class Preemption:
 
     def __init__(self) -> None:
         self.flag = StopFlag.remote()
-        self.requested = SignalFlag()  # set in the handler: no lock (lmforge.signals)
+        # Set by SIGTERM (`handle`, lock-free: lmforge.signals); a second one exits.
+        self.requested = StopRequest(EXIT_CODE)
 
     def run(self, fit: Callable[[], T]) -> T:
         """`fit()`, with SIGTERM asking the workers to checkpoint and stop meanwhile (the
@@ -105,12 +107,7 @@ class Preemption:
         if threading.current_thread() is not threading.main_thread():
             return fit()
         previous = signal.getsignal(signal.SIGTERM)
-
-        def handler(signum: int, frame: Any) -> None:
-            if self.requested.is_set():  # a second SIGTERM: stop waiting for the checkpoint
-                sys.exit(EXIT_CODE)
-            self.requested.set()  # all a handler may do (lmforge.signals); forward says so
-
+        handler = self.requested.handle  # forward says so: a handler may not print
         def forward() -> None:
             self.requested.wait()
             print("[lmforge] SIGTERM: saving a checkpoint at the next step boundary, then "

@@ -8,7 +8,7 @@ and their MLflow runs stay RUNNING. With it:
 1. `SearchStop`, a Tune callback, puts a SIGTERM handler in the driver's main thread when
    the search starts, and again at every step of Tune's loop (Ray's C++ core was seen to
    put its own fatal-signal handler over ours: `lmforge.train.preempt`). The handler only
-   sets an event; a second SIGTERM exits at once.
+   sets an event; a second SIGTERM (a second or more later) exits at once.
 2. A thread then sets the search's `StopFlag` (`lmforge.train.preempt`), which every
    trial's workers watch: each running trial saves a checkpoint at its next step
    boundary, its MLflow run becomes KILLED, it tells the flag, and it waits
@@ -38,7 +38,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from lmforge.signals import SignalFlag
+from lmforge.signals import StopRequest
 from lmforge.train.preempt import EXIT_CODE, STOP_GRACE_S, StopFlag
 
 _FLAGS: dict[str, Any] = {}
@@ -70,7 +70,8 @@ class SearchStop(tune.Callback):
 
     def _fresh(self) -> None:
         self._flag: Any = None
-        self._requested = SignalFlag()  # set in the handler: no lock (lmforge.signals)
+        # Set by SIGTERM (`_handle`, lock-free: lmforge.signals); a second one exits.
+        self._requested = StopRequest(EXIT_CODE)
         self._lock = threading.Lock()
         self._running: set[str] = set()
         self._previous: Any = None
@@ -105,9 +106,7 @@ class SearchStop(tune.Callback):
             signal.signal(signal.SIGTERM, self._previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self._requested.is_set():  # a second SIGTERM: stop waiting for the trials
-            sys.exit(EXIT_CODE)
-        self._requested.set()  # all a handler may do (lmforge.signals); _forward says so
+        self._requested.handle(signum, frame)  # _forward says so: a handler may not print
 
     # --- the thread that waits for the trials ------------------------------------------
 
