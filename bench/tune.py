@@ -205,19 +205,19 @@ def asha_replay(histories: list[list[list[float]]], rungs: list[dict[str, list[f
     from ray.tune.schedulers.async_hyperband import _Bracket
 
     bracket = _Bracket(grace, steps, reduction_factor, s=0)
+    milestones = {int(r) for r, _ in bracket._rungs if r < steps}
     spent, best, stops = 0, float("inf"), []
     for i, (history, forks) in enumerate(zip(histories, rungs, strict=True)):
         trial = type("Trial", (), {"trial_id": str(i)})()
         end, fork_steps = history[-1][0], 0
         for step, loss in history:
             best = min(best, loss)
-            if cooldown and str(int(step)) in forks:
+            score = loss
+            if cooldown and int(step) in milestones:  # forks elsewhere: not this ASHA's
+                if str(int(step)) not in forks:
+                    raise ValueError(f"trial {i} has no fork score at rung {step}")
                 score, length = forks[str(int(step))]
                 fork_steps += length
-            elif cooldown and int(step) in {r for r, _ in bracket._rungs} and step < steps:
-                raise ValueError(f"trial {i} has no fork score at rung {step}")
-            else:
-                score = loss
             if step >= steps:  # ASHA stops every trial at max_t; it ends there anyway
                 break
             if bracket.on_result(trial, step, -score) == TrialScheduler.STOP:
@@ -228,16 +228,21 @@ def asha_replay(histories: list[list[list[float]]], rungs: list[dict[str, list[f
     return {"steps": spent, "best_val_loss": best, "stopped_at": stops}
 
 
-def replays(random: dict[str, Any], head: dict[str, Any]) -> dict[str, Any]:
+def replays(random: dict[str, Any], head: dict[str, Any],
+            reduction_factor: int | None = None) -> dict[str, Any]:
     """`asha_replay` of random search's trials, ranking rungs by their own val_loss and
-    (when the random side forked) by the forks' scores, beside random search's figures."""
+    (when the random side forked) by the forks' scores, beside random search's figures.
+    `reduction_factor`: replay another factor than the run's; its rungs must be among those
+    the random side forked at (over 2000 steps from 250: 8 or 16, whose only rung is 250,
+    for a run at 4, whose rungs are 250 and 1000)."""
+    rf = reduction_factor or head["rungs"]["reduction_factor"]
     args = (random["histories"], random.get("rungs") or [{}] * len(random["histories"]),
-            head["rungs"]["grace_period"], head["rungs"]["reduction_factor"],
-            head["steps_per_trial"])
-    out = {"own_val_loss": asha_replay(*args, cooldown=False)}
+            head["rungs"]["grace_period"], rf, head["steps_per_trial"])
+    out: dict[str, Any] = {"reduction_factor": rf,
+                           "own_val_loss": asha_replay(*args, cooldown=False)}
     if random.get("fork_steps"):
         out["cooldown"] = asha_replay(*args, cooldown=True)
-    for r in out.values():
+    for r in (v for v in out.values() if isinstance(v, dict)):
         r["ratio"] = round(r["steps"] / random["steps"], 3)
         r["met"] = r["best_val_loss"] <= random["best_val_loss"] + 1e-12 and r["ratio"] <= 1 / 3
     return {"asha_random_replay": out}
@@ -360,7 +365,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="efficiency: tune.seed of both searches (their samplers)")
     parser.add_argument("--reduction-factor", type=int, default=None,
-                        help="efficiency: ASHA's reduction factor (default: the spec's)")
+                        help="efficiency: ASHA's reduction factor (default: the spec's); "
+                             "replay: the factor to replay (default: the run's)")
     parser.add_argument("--random-from", type=Path, default=None,
                         help="efficiency: take random search's side from an earlier run's "
                              "output (same trials, steps and seed) instead of running it")
@@ -375,7 +381,8 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     if args.which == "replay":  # bench/tune.py replay --random-from OUT.json
         old = json.loads(args.random_from.read_text().strip().splitlines()[-1])
-        result = {k: v for k, v in old.items() if k != "random"} | replays(old["random"], old)
+        result = {k: v for k, v in old.items() if k != "random"} | \
+            replays(old["random"], old, args.reduction_factor)
     elif args.which == "quality":
         result = quality(args.overrides)
     elif args.which == "efficiency":

@@ -303,3 +303,6 @@ def test_bench_replays_asha_over_random_searchs_trials_by_fork_scores():
     assert cooled["stopped_at"] == [40, 10, 40]
     assert cooled["steps"] == (40 + 6) + (10 + 2) + (40 + 6)
     assert cooled["best_val_loss"] == 1.4
+    # Reduction factor 4: one rung (10); the forks at 20 are not this ASHA's, nor counted.
+    wide = bench.asha_replay(histories, forks, 10, 4, 40, cooldown=True)
+    assert wide["stopped_at"] == [40, 10, 40] and wide["steps"] == (40 + 2) + (10 + 2) + (40 + 2)
