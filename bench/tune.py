@@ -228,10 +228,44 @@ def asha_replay(histories: list[list[list[float]]], rungs: list[dict[str, list[f
     return {"steps": spent, "best_val_loss": best, "stopped_at": stops}
 
 
+def sha_replay(histories: list[list[list[float]]], rungs: list[dict[str, list[float]]],
+               grace: int, reduction_factor: int, steps: int,
+               cooldown: bool) -> dict[str, Any]:
+    """Synchronous successive halving over the same recorded trials: every trial to the
+    first rung, the best 1/reduction_factor of them (at least one) on to the next, and so
+    on to the end; ranked by the forks' scores (`cooldown`) or the trials' own val_loss.
+    What a scheduler that waits at each rung for every trial (HyperBand's bracket; ASHA's
+    promotion form once all trials reached a rung) would spend: Ray's asynchronous ASHA
+    cannot stop the first trials to reach a rung, so they run to the end. lmforge offers no
+    such scheduler: this measures whether one would be worth it."""
+    milestones = [m for k in range(32) if (m := grace * reduction_factor ** k) < steps]
+    loss_at = [{int(step): loss for step, loss in h} for h in histories]
+    ends, fork_steps, alive = [0] * len(histories), 0, list(range(len(histories)))
+    for rung in milestones:
+        scores = {}
+        for i in alive:
+            ends[i] = rung
+            if rung not in loss_at[i]:
+                raise ValueError(f"trial {i} was not evaluated at rung {rung}")
+            scores[i] = loss_at[i][rung]
+            if cooldown:
+                if str(rung) not in rungs[i]:
+                    raise ValueError(f"trial {i} has no fork score at rung {rung}")
+                scores[i], length = rungs[i][str(rung)]
+                fork_steps += length
+        alive = sorted(alive, key=scores.__getitem__)[:max(1, len(alive) // reduction_factor)]
+    for i in alive:
+        ends[i] = steps
+    best = min(loss for h, end in zip(histories, ends, strict=True) for step, loss in h
+               if step <= end)
+    return {"steps": sum(ends) + fork_steps, "best_val_loss": best, "stopped_at": ends}
+
+
 def replays(random: dict[str, Any], head: dict[str, Any],
             reduction_factor: int | None = None) -> dict[str, Any]:
-    """`asha_replay` of random search's trials, ranking rungs by their own val_loss and
-    (when the random side forked) by the forks' scores, beside random search's figures.
+    """`asha_replay` (and `sha_replay`, `sync_*`) of random search's trials, ranking rungs
+    by their own val_loss and (when the random side forked) by the forks' scores, beside
+    random search's figures.
     `reduction_factor`: replay another factor than the run's; its rungs must be among those
     the random side forked at (over 2000 steps from 250: 8 or 16, whose only rung is 250,
     for a run at 4, whose rungs are 250 and 1000)."""
@@ -239,9 +273,11 @@ def replays(random: dict[str, Any], head: dict[str, Any],
     args = (random["histories"], random.get("rungs") or [{}] * len(random["histories"]),
             head["rungs"]["grace_period"], rf, head["steps_per_trial"])
     out: dict[str, Any] = {"reduction_factor": rf,
-                           "own_val_loss": asha_replay(*args, cooldown=False)}
+                           "own_val_loss": asha_replay(*args, cooldown=False),
+                           "sync_own_val_loss": sha_replay(*args, cooldown=False)}
     if random.get("fork_steps"):
         out["cooldown"] = asha_replay(*args, cooldown=True)
+        out["sync_cooldown"] = sha_replay(*args, cooldown=True)
     for r in (v for v in out.values() if isinstance(v, dict)):
         r["ratio"] = round(r["steps"] / random["steps"], 3)
         r["met"] = r["best_val_loss"] <= random["best_val_loss"] + 1e-12 and r["ratio"] <= 1 / 3

@@ -306,3 +306,29 @@ def test_bench_replays_asha_over_random_searchs_trials_by_fork_scores():
     # Reduction factor 4: one rung (10); the forks at 20 are not this ASHA's, nor counted.
     wide = bench.asha_replay(histories, forks, 10, 4, 40, cooldown=True)
     assert wide["stopped_at"] == [40, 10, 40] and wide["steps"] == (40 + 2) + (10 + 2) + (40 + 2)
+
+
+def test_bench_replays_synchronous_halving_over_the_same_trials():
+    """bench/tune.py's synchronous successive halving: every trial to a rung, the best
+    half (factor 2) on; the first trial is stopped too when it ranks low."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "tune.py"
+    spec = importlib.util.spec_from_file_location("bench_tune", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    histories = [[[10, 2.0], [20, 1.8], [30, 1.7], [40, 1.6]],
+                 [[10, 2.1], [20, 1.9], [30, 1.8], [40, 1.7]],
+                 [[10, 2.5], [20, 2.0], [30, 1.6], [40, 1.4]],
+                 [[10, 1.9], [20, 1.85], [30, 1.75], [40, 1.65]]]
+    forks = [{"10": [1.9, 2], "20": [1.7, 4]}, {"10": [2.0, 2], "20": [1.8, 4]},
+             {"10": [1.5, 2], "20": [1.5, 4]}, {"10": [1.8, 2], "20": [1.75, 4]}]
+    own = bench.sha_replay(histories, forks, 10, 2, 40, cooldown=False)
+    # Rung 10 keeps trials 3 and 0 (1.9, 2.0); rung 20 keeps trial 0 (1.8 < 1.85).
+    assert own["stopped_at"] == [40, 10, 10, 20] and own["steps"] == 80
+    assert own["best_val_loss"] == 1.6
+    cooled = bench.sha_replay(histories, forks, 10, 2, 40, cooldown=True)
+    # By the forks: rung 10 keeps 2 and 3 (1.5, 1.8); rung 20 keeps 2 (1.5).
+    assert cooled["stopped_at"] == [10, 10, 40, 20]
+    assert cooled["steps"] == 80 + 4 * 2 + 2 * 4 and cooled["best_val_loss"] == 1.4
