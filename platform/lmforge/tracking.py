@@ -214,7 +214,8 @@ class BufferStats:
 
 class TrackingBuffer:
     """Metrics, params and tables (`log_table`: the samples) of one MLflow run, queued by the
-    step loop and sent by a background thread.
+    step loop and sent by a background thread (metrics and params in order, tables once
+    none of those wait).
 
     `log_metrics` and `log_params` never block on MLflow and never raise for it: they
     append to a queue and return. The sender thread sends in order, merging queued metric
@@ -309,16 +310,22 @@ class TrackingBuffer:
     # --- the sender thread -------------------------------------------------------------
 
     def _take(self) -> tuple[str, list[Any]] | None:
-        """Take the next request off the queue (lock held): one params batch, or
-        consecutive metric batches merged up to MAX_BATCH values."""
+        """Take the next request off the queue (lock held): one params batch, one table, or
+        consecutive metric batches merged up to MAX_BATCH values. A table goes only when
+        no metrics or params are queued: its upload can take seconds on a loaded machine,
+        and the metrics behind it (an evaluation's val_loss) are what a process ended right
+        after its report must not lose."""
         if not self._queue:
             return None
-        kind, items = self._queue.popleft()
+        at = next((i for i, (kind, _) in enumerate(self._queue) if kind != "table"), 0)
+        kind, items = self._queue[at]
+        del self._queue[at]
         if kind == "metrics":
             items = list(items)
-            while (self._queue and self._queue[0][0] == "metrics"
-                   and len(items) + len(self._queue[0][1]) <= MAX_BATCH):
-                items.extend(self._queue.popleft()[1])
+            while (at < len(self._queue) and self._queue[at][0] == "metrics"
+                   and len(items) + len(self._queue[at][1]) <= MAX_BATCH):
+                items.extend(self._queue[at][1])
+                del self._queue[at]
             self._queued -= len(items)
         return kind, items
 
@@ -382,19 +389,25 @@ class TrackingBuffer:
                 down_since = None
 
     def drain(self, timeout_s: float) -> bool:
-        """Wait up to `timeout_s` for everything queued so far to reach MLflow, but not at
-        all while MLflow is down; True when the queue is empty. For the points where the
+        """Wait up to `timeout_s` for the metrics and params queued so far to reach MLflow,
+        but not at all while MLflow is down; True when they have. For the points where the
         process may be ended right after (a report that lets ASHA stop the trial, which
         kills its workers and this daemon thread with them): normally milliseconds, and
         an outage still never holds the step loop."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while (self._queue or self._in_flight is not None) and not self._down:
+            while self._unsent_records() and not self._down:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            return not self._queue and self._in_flight is None
+            return not self._unsent_records()
+
+    def _unsent_records(self) -> bool:
+        """Metrics or params queued or in flight (lock held). Tables, best effort and the
+        slowest to send, are not waited for."""
+        return any(kind != "table" for kind, _ in self._queue) or (
+            self._in_flight is not None and self._in_flight[0] != "table")
 
     def close(self, deadline_s: float) -> BufferStats:
         """Send what is queued, waiting at most `deadline_s`; what is left then is given

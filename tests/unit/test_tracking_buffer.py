@@ -182,3 +182,50 @@ def test_tables_go_out_in_order_and_a_failing_one_never_holds_metrics():
     assert buf.close(5).dropped == 0  # the metric behind the table got through
     assert broken.values("val_loss") == [(10, 1.0)]
     assert broken.table_attempts == 3
+
+
+class GatedClient(TableClient):
+    """TableClient whose calls each wait for `gate` (then record their order in `calls`)."""
+
+    def __init__(self) -> None:
+        super().__init__(tables_fail=False)
+        self.gate = threading.Event()
+        self.calls: list[str] = []
+
+    def log_batch(self, run_id: str, metrics: Any = (), params: Any = (), tags: Any = ()
+                  ) -> None:
+        self.gate.wait()
+        self.calls.append("metrics")
+        super().log_batch(run_id, metrics, params, tags)
+
+    def log_table(self, run_id: str, data: Any, artifact_file: str) -> None:
+        self.gate.wait()
+        self.calls.append("table")
+        super().log_table(run_id, data, artifact_file)
+
+
+def test_metrics_overtake_a_queued_table_and_drain_waits_for_metrics_only():
+    """What a process ended right after a report must not lose is its metrics: a table
+    waiting in the queue goes after them, and `drain` (before a report that may stop the
+    trial) does not wait for a table's upload, the slowest request."""
+    client = GatedClient()
+    buf = TrackingBuffer("run", client, retry_s=0.01, max_retry_s=0.02)
+    buf.log_metrics({"train_loss": 2.0}, step=9)  # in flight, held at the gate
+    wait_for(lambda: buf._in_flight is not None)
+    buf.log_table([{"step": 10}], "samples.json")
+    buf.log_metrics({"val_loss": 1.5}, step=10)
+    assert not buf.drain(0.05)  # metrics are waiting
+    client.gate.set()
+    assert buf.drain(5)
+    assert buf.close(5).dropped == 0
+    assert client.calls == ["metrics", "metrics", "table"]
+    assert client.values("val_loss") == [(10, 1.5)]
+
+    slow = GatedClient()  # a table in flight, nothing else queued: nothing to wait for
+    buf = TrackingBuffer("run", slow, retry_s=0.01, max_retry_s=0.02)
+    buf.log_table([{"step": 10}], "samples.json")
+    wait_for(lambda: buf._in_flight is not None)
+    start = time.perf_counter()
+    assert buf.drain(5) and time.perf_counter() - start < 0.5
+    slow.gate.set()
+    assert buf.close(5).dropped == 0 and slow.calls == ["table"]

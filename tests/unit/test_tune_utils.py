@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import threading
 import time
 
@@ -14,7 +16,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from lmforge.config import JobSpec
 from lmforge.runs import NamedRun, ResumeError, RunState
 from lmforge.tracking import RunTracker, experiment_id
-from lmforge.tune.report import TrialOutcome, _study, close_orphaned_trials, pareto_front
+from lmforge.tune.report import (
+    TrialOutcome,
+    _study,
+    close_orphaned_trials,
+    close_stopped_trials,
+    pareto_front,
+)
 from lmforge.tune.search import (
     TokenBudget,
     check_settings_unchanged,
@@ -255,3 +263,24 @@ def test_resume_closes_only_the_runs_of_trials_it_runs_again(tmp_path):
     assert runs["stopped_by_asha"].status() == "RUNNING"
     assert "lmforge.note" not in runs["stopped_by_asha"].client.get_run(
         runs["stopped_by_asha"].run_id).data.tags
+
+
+def test_a_stopped_trials_run_gets_the_evaluation_it_was_stopped_on(tmp_path):
+    """ASHA stops a trial at a report whose val_loss its worker had not sent to MLflow yet
+    (sent in the background; the workers end with the trial): closing the run records the
+    val_loss Tune got, once, and leaves a run that has it alone."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = experiment_id(uri, "stopped", tmp_path / "mlartifacts")
+    parent = RunTracker.start(uri, experiment, "search")
+    lost, sent = (RunTracker.start(uri, experiment, name, parent=parent)
+                  for name in ("lost", "sent"))
+    for run in (lost, sent):
+        run.log_metrics({"val_loss": 3.0}, step=10)
+    sent.log_metrics({"val_loss": 2.5}, step=20)
+    stopped = [dataclasses.replace(outcome(0, 2.5, 1.0), status="STOPPED", steps=20,
+                                   mlflow_run_id=run.run_id) for run in (lost, sent)]
+    close_stopped_trials(uri, stopped)
+    for run in (lost, sent):
+        assert run.metric_history("val_loss") == [(10, 3.0), (20, 2.5)]
+        assert run.status() == "KILLED"
+    assert [v for _, v in lost.metric_history("val_ppl")] == [pytest.approx(math.exp(2.5))]

@@ -203,12 +203,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if not evaluating:
             continue
         val_loss = evaluate(model, val, device, par)  # all-reduced: every rank agrees
-        if prompts:
-            rows = sample_rows(model if par.fsdp else raw, prompts, done, cfg, tokenizer,
-                               data.eos_id, spec.model.block_size, device, par.autocast,
-                               fsdp=par.fsdp)
-            if log is not None:
-                log.log_table(rows, ARTIFACT)
+        rows = sample_rows(model if par.fsdp else raw, prompts, done, cfg, tokenizer,
+                           data.eos_id, spec.model.block_size, device, par.autocast,
+                           fsdp=par.fsdp) if prompts else None
         state.step = done
         rung_loss = None
         if rung:  # every rank reaches the same rungs, so all fork together
@@ -233,6 +230,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if log is not None:
             log.log_metrics({k: metrics[k] for k in ("val_loss", "val_ppl", RUNG_METRIC)
                              if k in metrics}, step=done)
+            if rows:  # after the metrics: the slowest upload, best effort (see drain)
+                log.log_table(rows, ARTIFACT)
             if stop:
                 say(f"[lmforge] early stop at step {done}: no better validation loss in "
                     f"{state.evals_since_best} evaluations")

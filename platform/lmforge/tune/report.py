@@ -89,8 +89,23 @@ def close_stopped_trials(uri: str, trials: list[TrialOutcome]) -> None:
             continue
         tracker = RunTracker(uri, trial.mlflow_run_id)
         if tracker.status() != "FINISHED":
+            _record_last_evaluation(tracker, trial)
             tracker.log_loss_curve()
             tracker.finish("FINISHED" if trial.status == "FINISHED" else "KILLED")
+
+
+def _record_last_evaluation(tracker: RunTracker, trial: TrialOutcome) -> None:
+    """The evaluation Tune stopped `trial` on, in its run when the trial's own logging did
+    not get it there: rank 0 sends its metrics in the background (`TrackingBuffer`, which
+    waits at most `DRAIN_S` before each report), and Tune ends the workers right after the
+    report that stops the trial. On a loaded machine that report came first, and a stopped
+    trial's run had no `val_loss` at all (seen in `make test`)."""
+    if trial.steps <= 0 or not math.isfinite(trial.val_loss):
+        return
+    if any(step == trial.steps for step, _ in tracker.metric_history("val_loss")):
+        return
+    tracker.log_metrics({"val_loss": trial.val_loss,
+                         "val_ppl": math.exp(min(trial.val_loss, 50))}, step=trial.steps)
 
 
 
