@@ -278,10 +278,8 @@ def test_ddp_ranks_fork_together_and_restore_exactly(tmp_path):
     assert results[0][1] == results[1][1]  # one fork, scored alike on every rank
 
 
-def test_bench_replays_asha_over_random_searchs_trials_by_fork_scores():
-    """bench/tune.py's replay of ASHA (Ray's own bracket) over recorded trials: ranking by
-    the forks' scores keeps the trial whose fork is best though its own loss was worst,
-    and the forks' steps are counted."""
+def bench_tune():  # noqa: ANN201
+    """bench/tune.py as a module (bench/ is not a package)."""
     import importlib.util
     from pathlib import Path
 
@@ -289,6 +287,14 @@ def test_bench_replays_asha_over_random_searchs_trials_by_fork_scores():
     spec = importlib.util.spec_from_file_location("bench_tune", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_replays_asha_over_random_searchs_trials_by_fork_scores():
+    """bench/tune.py's replay of ASHA (Ray's own bracket) over recorded trials: ranking by
+    the forks' scores keeps the trial whose fork is best though its own loss was worst,
+    and the forks' steps are counted."""
+    bench = bench_tune()
     # Three trials of 40 steps, rungs at 10 and 20 (grace 10, reduction factor 2). The
     # third is worst by its own loss at step 10, best once cooled (and at the end).
     histories = [[[10, 2.0], [20, 1.8], [30, 1.7], [40, 1.6]],
@@ -311,13 +317,7 @@ def test_bench_replays_asha_over_random_searchs_trials_by_fork_scores():
 def test_bench_replays_synchronous_halving_over_the_same_trials():
     """bench/tune.py's synchronous successive halving: every trial to a rung, the best
     half (factor 2) on; the first trial is stopped too when it ranks low."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "bench" / "tune.py"
-    spec = importlib.util.spec_from_file_location("bench_tune", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_tune()
     histories = [[[10, 2.0], [20, 1.8], [30, 1.7], [40, 1.6]],
                  [[10, 2.1], [20, 1.9], [30, 1.8], [40, 1.7]],
                  [[10, 2.5], [20, 2.0], [30, 1.6], [40, 1.4]],
