@@ -187,6 +187,11 @@ def _searched(summary: Summary, wall_s: float, forks_count: bool = True) -> dict
             "configs": [t["config"] for t in curves]}  # and its sampled values
 
 
+def _milestones(bracket: Any, steps: int) -> list[int]:
+    """The rungs below `steps` of Ray's ASHA bracket (`_Bracket`), in increasing order."""
+    return sorted(int(r) for r, _ in bracket._rungs if r < steps)
+
+
 def asha_replay(histories: list[list[list[float]]], rungs: list[dict[str, list[float]]],
                 grace: int, reduction_factor: int, steps: int,
                 cooldown: bool) -> dict[str, Any]:
@@ -205,7 +210,7 @@ def asha_replay(histories: list[list[list[float]]], rungs: list[dict[str, list[f
     from ray.tune.schedulers.async_hyperband import _Bracket
 
     bracket = _Bracket(grace, steps, reduction_factor, s=0)
-    milestones = {int(r) for r, _ in bracket._rungs if r < steps}
+    milestones = set(_milestones(bracket, steps))
     spent, best, stops = 0, float("inf"), []
     for i, (history, forks) in enumerate(zip(histories, rungs, strict=True)):
         trial = type("Trial", (), {"trial_id": str(i)})()
@@ -238,7 +243,9 @@ def sha_replay(histories: list[list[list[float]]], rungs: list[dict[str, list[fl
     promotion form once all trials reached a rung) would spend: Ray's asynchronous ASHA
     cannot stop the first trials to reach a rung, so they run to the end. lmforge offers no
     such scheduler: this measures whether one would be worth it."""
-    milestones = [m for k in range(32) if (m := grace * reduction_factor ** k) < steps]
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    milestones = _milestones(_Bracket(grace, steps, reduction_factor, s=0), steps)
     loss_at = [{int(step): loss for step, loss in h} for h in histories]
     ends, fork_steps, alive = [0] * len(histories), 0, list(range(len(histories)))
     for rung in milestones:

@@ -108,6 +108,7 @@ class Preemption:
             return fit()
         previous = signal.getsignal(signal.SIGTERM)
         handler = self.requested.handle  # forward says so: a handler may not print
+
         def forward() -> None:
             self.requested.wait()
             print("[lmforge] SIGTERM: saving a checkpoint at the next step boundary, then "
