@@ -391,9 +391,14 @@ class TuneConfig(Section):
     searcher: Literal["tpe", "random"] = "tpe"
     """Optuna sampler: `tpe` (learns from finished trials) or `random` (a baseline); both
     seeded by `tune.seed`."""
-    scheduler: Literal["asha", "fifo"] = "asha"
-    """`asha` stops weak trials at rungs of `grace_period * reduction_factor^k` steps;
-    `fifo` runs every trial to `train.steps`."""
+    scheduler: Literal["asha", "sha", "fifo"] = "asha"
+    """`asha` stops weak trials at rungs of `grace_period * reduction_factor^k` steps, as
+    they arrive (Ray's asynchronous ASHA: the first trials to reach a rung always go on);
+    `sha` is synchronous successive halving on the same rungs: every trial waits (paused,
+    checkpointed) at a rung until all have reached it, then the best 1/reduction_factor
+    go on and the rest stop (the whole `num_trials` form one bracket, so the searcher
+    learns only from trials that ended; `lmforge.tune.halving`); `fifo` runs every trial
+    to `train.steps`."""
     search_space: dict[str, SearchDim] = Field(default_factory=dict)
     """Dotted spec path (e.g. `train.lr`) to a distribution:
     `{type: loguniform|uniform, low, high}`, `{type: int, low, high}`, `{type: choice, values}`."""
@@ -403,7 +408,7 @@ class TuneConfig(Section):
     and ahead at the end); `bench/tune.py efficiency` prints how each step's ranking agrees
     with the final one."""
     reduction_factor: int = Field(2, ge=2)
-    """ASHA: keep the top 1/reduction_factor of trials at each rung."""
+    """ASHA and SHA: keep the top 1/reduction_factor of trials at each rung."""
     rung_cooldown: float | None = Field(None, gt=0, le=1)
     """Score each rung (`grace_period * reduction_factor^k` steps, below `train.steps`)
     after a cooldown, as this fraction of the rung's steps (0.1-0.2, say): the trial forks

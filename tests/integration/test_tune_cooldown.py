@@ -72,3 +72,50 @@ def test_asha_ranks_trials_by_their_cooldown_forks(ray_cluster, tiny_spec, tmp_p
     second_went_on = max(history(client, children[1].info.run_id, "val_loss")) > 20
     assert second_went_on == (rung_scores[1] < rung_scores[0])
     assert summary.trial_steps_total == steps_total  # the forks' steps counted
+
+
+@pytest.mark.long
+def test_sync_halving_pauses_trials_at_rungs_and_resumes_the_promoted(ray_cluster, tiny_spec,
+                                                                      tmp_path: Path):
+    """`tune.scheduler: sha` on real Tune: four trials, one at a time, each paused at the
+    first rung (20) until all four have a fork score there; the best two go on (factor 2),
+    restarting from the checkpoint they wrote at the rung, in the same MLflow run; at 40
+    the better of the two goes on to 60. No step is trained twice."""
+    spec = tiny_spec("tracking.run_name=sha", "tune.scheduler=sha", "tune.num_trials=4",
+                     "tune.reduction_factor=2", "tune.rung_cooldown=0.25",
+                     "tune.max_concurrent_trials=1", "train.workers=1",
+                     "train.schedule=wsd", "train.decay_fraction=0.2",
+                     "tracking.system_metrics_interval_s=0")
+    summary = execute(spec, Stages(search=True, register=False, serve_check=False),
+                      runs_dir=tmp_path)
+    client = MlflowClient(summary.tracking_uri)
+    parent = client.get_run(summary.mlflow_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4  # a promoted trial goes on in its own run
+
+    ends, scores, resumed = {}, {}, []
+    for child in children:
+        run_id = child.info.run_id
+        val, rungs = history(client, run_id, "val_loss"), history(client, run_id, "rung_val_loss")
+        ends[run_id], scores[run_id] = max(val), rungs
+        trial_dir = tmp_path / "ray" / "sha" / child.data.tags["lmforge.trial_dir"]
+        results = [json.loads(line) for line in (trial_dir / "result.json").read_text()
+                   .splitlines()]
+        steps = [r["step"] for r in results]
+        assert steps == sorted(set(steps)), steps  # no step reported (trained) twice
+        if any(r["resumed_from_step"] == 20 for r in results):
+            resumed.append(run_id)
+        assert child.info.status == ("FINISHED" if ends[run_id] == 60 else "KILLED")
+    assert sorted(ends.values()) == [20, 20, 40, 60]
+    # Rung 20 keeps the two best forks; rung 40 the better of those two.
+    by_20 = sorted(ends, key=lambda r: scores[r][20])
+    assert {ends[r] for r in by_20[:2]} == {40, 60} and {ends[r] for r in by_20[2:]} == {20}
+    kept = by_20[:2]
+    assert ends[min(kept, key=lambda r: scores[r][40])] == 60
+    # Of the two promoted at 20, at least one was paused there (the other may be the last
+    # to arrive, which goes straight on): it resumed from its rung checkpoint.
+    assert set(resumed) & set(kept) and set(resumed) <= set(kept)
+    forks = 4 * 5 + 2 * 10
+    assert summary.trial_steps_total == 20 + 20 + 40 + 60 + forks

@@ -8,16 +8,18 @@ import math
 import numpy as np
 import pytest
 import torch
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from lmforge.config import JobSpec, ModelConfig, SpecError, TrainConfig, load
 from lmforge.model import build_model
 from lmforge.train.fork import CooldownRungs, Snapshot, cooldown_fork
 from lmforge.train.parallel import Parallel
 from lmforge.train.step import decay_lr, lr_at, make_optimizer, train_step
+from lmforge.tune.halving import SyncHalving
 from lmforge.tune.report import SearchOutcome, TrialOutcome
 from lmforge.tune.search import make_scheduler, make_searcher
-from lmforge.tune.trial import cooldown_rungs, ranking_metric, rung_steps
+from lmforge.tune.trial import checkpoint_steps, cooldown_rungs, ranking_metric, rung_steps
 
 CPU = torch.device("cpu")
 
@@ -332,3 +334,157 @@ def test_bench_replays_synchronous_halving_over_the_same_trials():
     # By the forks: rung 10 keeps 2 and 3 (1.5, 1.8); rung 20 keeps 2 (1.5).
     assert cooled["stopped_at"] == [10, 10, 40, 20]
     assert cooled["steps"] == 80 + 4 * 2 + 2 * 4 and cooled["best_val_loss"] == 1.4
+
+
+# --- synchronous successive halving (tune.scheduler: sha) ------------------------------
+
+
+class FakeTrial:
+    """What SyncHalving reads of a Tune trial, with a recorded curve to report from."""
+
+    def __init__(self, trial_id: str, curve: dict[int, float]) -> None:
+        self.trial_id, self.curve = trial_id, curve
+        self.status, self.last_result, self.is_saving = Trial.PENDING, {}, False
+
+
+class FakeController:
+    """Tune's controller as far as a scheduler sees it: its trials, and `stop_trial`,
+    which (as Tune's does) tells the scheduler `on_trial_remove` for a paused trial."""
+
+    def __init__(self, scheduler: SyncHalving) -> None:
+        self.scheduler, self.trials = scheduler, []
+
+    def get_trials(self) -> list[FakeTrial]:
+        return self.trials
+
+    def stop_trial(self, trial: FakeTrial) -> None:
+        assert trial.status in (Trial.PAUSED, Trial.PENDING)
+        self.scheduler.on_trial_remove(self, trial)
+        trial.status = Trial.TERMINATED
+
+
+def run_bracket(scheduler: SyncHalving, curves: list[dict[int, float]],
+                fail: dict[int, int] | None = None) -> tuple[list[int], list[str]]:
+    """Drive `scheduler` as Tune does with one trial at a time: a new trial is added when
+    none is pending, the scheduler picks what runs, a running trial reports each step of
+    its curve until the scheduler pauses or stops it or it ends. `fail`: trial index ->
+    the step at which it errors. Returns each trial's last step and the order trials ran."""
+    ctl, fail, ran = FakeController(scheduler), fail or {}, []
+    while True:
+        if len(ctl.trials) < len(curves) and not any(t.status == Trial.PENDING
+                                                     for t in ctl.trials):
+            trial = FakeTrial(str(len(ctl.trials)), curves[len(ctl.trials)])
+            ctl.trials.append(trial)
+            scheduler.on_trial_add(ctl, trial)
+        trial = scheduler.choose_trial_to_run(ctl)
+        if trial is None:
+            break
+        trial.status = Trial.RUNNING
+        ran.append(trial.trial_id)
+        for step in sorted(s for s in trial.curve if s > trial.last_result.get("step", 0)):
+            if fail.get(int(trial.trial_id)) == step:
+                trial.status = Trial.ERROR
+                scheduler.on_trial_error(ctl, trial)
+                break
+            trial.last_result = {"step": step, "search_loss": trial.curve[step]}
+            decision = scheduler.on_trial_result(ctl, trial, trial.last_result)
+            if step == max(trial.curve) or decision == TrialScheduler.STOP:
+                trial.status = Trial.TERMINATED
+                scheduler.on_trial_complete(ctl, trial, trial.last_result)
+                break
+            if decision == TrialScheduler.PAUSE:
+                trial.status = Trial.PAUSED
+                break
+    assert all(t.status in (Trial.TERMINATED, Trial.ERROR) for t in ctl.trials)
+    return [t.last_result.get("step", 0) for t in ctl.trials], ran
+
+
+def curves_of(histories: list[list[list[float]]]) -> list[dict[int, float]]:
+    return [{int(step): loss for step, loss in h} for h in histories]
+
+
+def test_sync_halving_stops_trials_where_the_bench_replay_of_it_does():
+    """The scheduler and bench/tune.py's `sha_replay` are one rule: over twelve random
+    curves (rungs at 250 and 1000 of 2000, factor 4) they stop every trial at the same
+    step; the first trial to reach a rung is stopped there too when it ranks low."""
+    bench = bench_tune()
+    rng = np.random.default_rng(3)
+    steps = [250, 500, 750, 1000, 1250, 1500, 1750, 2000]
+    histories = [[[s, float(v)] for s, v in zip(steps, np.sort(rng.uniform(1.5, 2.5, 8))[::-1],
+                                                 strict=True)] for _ in range(12)]
+    replay = bench.sha_replay(histories, [{}] * 12, 250, 4, 2000, cooldown=False)
+    stopped, ran = run_bracket(SyncHalving("search_loss", [250, 1000], 4, 12, 1),
+                               curves_of(histories))
+    assert stopped == replay["stopped_at"]
+    assert sorted(stopped) == [250] * 9 + [1000] * 2 + [2000]
+    assert ran[:12] == [str(i) for i in range(12)]  # all to the first rung, in order
+    # Then only promoted trials run again, each at most once per rung it passed.
+    promoted = [str(i) for i, step in enumerate(stopped) if step > 250]
+    assert set(ran[12:]) <= set(promoted) and len(ran[12:]) <= 3 + 1
+
+
+def test_sync_halving_keeps_the_rung_s_last_trial_running_when_it_is_promoted():
+    """The trial whose report completes a rung is not paused when it goes on (no restart
+    for it), and one that ranks low there is stopped at once."""
+    curves = [{10: 2.0, 20: 1.8, 40: 1.6}, {10: 1.5, 20: 1.5, 40: 1.4}]
+    stopped, ran = run_bracket(SyncHalving("search_loss", [10, 20], 2, 2, 1), curves)
+    assert stopped == [10, 40] and ran == ["0", "1"]
+    curves = [{10: 1.5, 20: 1.5, 40: 1.4}, {10: 2.0, 20: 1.8, 40: 1.6}]
+    stopped, ran = run_bracket(SyncHalving("search_loss", [10, 20], 2, 2, 1), curves)
+    assert stopped == [40, 10] and ran == ["0", "1", "0"]
+
+
+def test_sync_halving_decides_a_rung_when_the_trial_it_waited_for_fails():
+    """A trial that errors before the rung is not waited for: the others are ranked
+    without it and the bracket goes on."""
+    curves = [{10: 2.0, 20: 1.9, 40: 1.8}, {10: 1.5, 20: 1.4, 40: 1.3},
+              {10: 1.0, 20: 0.9, 40: 0.8}]
+    stopped, _ = run_bracket(SyncHalving("search_loss", [10], 2, 3, 1), curves, fail={2: 10})
+    assert stopped == [10, 40, 0]
+
+
+def test_sync_halving_runs_at_most_max_concurrent_and_promoted_trials_first():
+    scheduler = SyncHalving("search_loss", [10], 2, 3, max_concurrent=2)
+    ctl = FakeController(scheduler)
+    ctl.trials = [FakeTrial(str(i), {}) for i in range(3)]
+    for t in ctl.trials:
+        scheduler.on_trial_add(ctl, t)
+    ctl.trials[0].status = ctl.trials[1].status = Trial.RUNNING
+    assert scheduler.choose_trial_to_run(ctl) is None
+    ctl.trials[1].status = Trial.PAUSED
+    assert scheduler.choose_trial_to_run(ctl) is ctl.trials[2]  # the paused one waits
+
+
+def test_sync_halving_restored_takes_up_from_each_trials_last_report():
+    """Tune keeps no scheduler state across `--resume`: a new SyncHalving reads each
+    trial's last report. A trial that had reached the rung waits there (it is not started
+    again before the rung is decided), ended trials are not waited for."""
+    scheduler = SyncHalving("search_loss", [10], 2, 3, 1)
+    ctl = FakeController(scheduler)
+    waiting, stopped, short = FakeTrial("0", {}), FakeTrial("1", {}), FakeTrial("2", {})
+    waiting.last_result = {"step": 10, "search_loss": 1.7}
+    stopped.last_result, stopped.status = {"step": 10, "search_loss": 2.5}, Trial.TERMINATED
+    short.last_result = {"step": 5, "search_loss": 3.0}
+    ctl.trials = [waiting, stopped, short]
+    for t in ctl.trials:
+        scheduler.on_trial_add(ctl, t)
+    assert scheduler.choose_trial_to_run(ctl) is short
+    short.status = Trial.RUNNING
+    decision = scheduler.on_trial_result(ctl, short, {"step": 10, "search_loss": 1.2})
+    assert decision == TrialScheduler.CONTINUE  # 1.2 beats 1.7; factor 2 of 2 keeps one
+    assert waiting.status == Trial.TERMINATED
+
+
+def test_sha_scheduler_from_the_spec_checkpoints_trials_at_its_rungs():
+    spec = JobSpec.model_validate({
+        "train": {"steps": 2000},
+        "tune": {"scheduler": "sha", "grace_period": 250,
+                 "reduction_factor": 4, "num_trials": 12, "rung_cooldown": 0.2,
+                 "max_concurrent_trials": 2}})
+    sha = make_scheduler(spec)
+    assert isinstance(sha, SyncHalving)
+    assert sha._rungs == [250, 1000] and sha._metric == "search_loss"
+    assert sha._num_trials == 12 and sha._max_concurrent == 2
+    assert checkpoint_steps(spec) == (250, 1000)
+    asha = spec.model_copy(update={"tune": spec.tune.model_copy(update={"scheduler": "asha"})})
+    assert checkpoint_steps(asha) == ()

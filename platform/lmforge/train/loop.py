@@ -101,6 +101,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     tracker: RunTracker | None = config.get("tracker")
     step_hook: StepHook | None = config.get("step_hook")
     rungs: CooldownRungs | None = config.get("cooldown")
+    checkpoint_at: tuple[int, ...] = config.get("checkpoint_at", ())
     cfg = spec.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -189,7 +190,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
         # The same answer on every rank (so they all report alike); the last step needs none.
         preempted = stop_check is not None and stop_check.should_stop() and done < cfg.steps
-        checkpointing = done % cfg.checkpoint_interval == 0 or done == cfg.steps
+        checkpointing = done % cfg.checkpoint_interval == 0 or done == cfg.steps \
+            or done in checkpoint_at
         rung = rungs is not None and done in rungs.steps and done < cfg.steps
         evaluating = checkpointing or done % cfg.eval_every == 0 or rung
         if preempted and not evaluating:

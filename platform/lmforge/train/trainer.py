@@ -91,9 +91,11 @@ class Deadline(ControllerCallback):
 def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
                   callbacks: Sequence[UserCallback | ControllerCallback] = (),
                   step_hook: StepHook | None = None, stop_flag: Any = None,
-                  cooldown: CooldownRungs | None = None) -> TorchTrainer:
+                  cooldown: CooldownRungs | None = None,
+                  checkpoint_at: tuple[int, ...] = ()) -> TorchTrainer:
     """`stop_flag`: a `StopFlag` handle whose request makes every worker checkpoint at the
-    next step boundary and stop (`lmforge.train.preempt`)."""
+    next step boundary and stop (`lmforge.train.preempt`). `checkpoint_at`: steps that
+    evaluate and checkpoint besides `train.checkpoint_interval`'s."""
     cfg = spec.train
     require_shared_storage(spec, search=False)  # a multi-host run needs shared paths
     check_supported(cfg)  # a method this cluster cannot run fails here, not in every worker
@@ -101,7 +103,7 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
         train_fn_per_worker,
         train_loop_config={"spec": spec, "data": data, "tracker": tracker,
                            "step_hook": step_hook, "cooldown": cooldown,
-                           "stop_flag": stop_flag},
+                           "checkpoint_at": checkpoint_at, "stop_flag": stop_flag},
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.use_gpu,
@@ -125,7 +127,8 @@ def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, 
                  callbacks: Sequence[UserCallback | ControllerCallback] = (),
                  step_hook: StepHook | None = None, preemptible: bool = False,
                  stop_flag: Any = None,
-                 cooldown: CooldownRungs | None = None) -> TrainOutcome:
+                 cooldown: CooldownRungs | None = None,
+                 checkpoint_at: tuple[int, ...] = ()) -> TrainOutcome:
     """Train run `name` to `train.steps` (or an early stop). Ray Train continues the run
     from the latest checkpoint it finds in storage under `name`: whether that is wanted
     (`--resume`) or refused is the caller's rule (`lmforge.runs.NamedRun`).
@@ -140,10 +143,12 @@ def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, 
     thread (a trial); it raises `Preempted` too.
 
     `cooldown`: the steps at which every worker scores a cooldown fork (a search's rungs
-    with `tune.rung_cooldown`; `lmforge.train.fork`)."""
+    with `tune.rung_cooldown`; `lmforge.train.fork`). `checkpoint_at`: steps that also
+    evaluate and checkpoint (a synchronous search's rungs, where its trials pause and from
+    where they resume)."""
     preemption = Preemption() if preemptible else None
     trainer = build_trainer(spec, data, tracker, name, callbacks, step_hook,
-                            preemption.flag if preemption else stop_flag, cooldown)
+                            preemption.flag if preemption else stop_flag, cooldown, checkpoint_at)
     try:
         result = preemption.run(trainer.fit) if preemption else trainer.fit()
     finally:

@@ -65,6 +65,17 @@ def trial_runs(parent: RunTracker) -> dict[str, Any]:
     return runs
 
 
+def paused_run(parent: RunTracker, trial_dir: str) -> RunTracker | None:
+    """The trial's run, when it is still RUNNING as a trial starting again finds it: a
+    synchronous rung paused the trial (its actor ended, its run left open) and has now
+    promoted it, so its curve goes on in the same run. After a killed driver's
+    `--resume` there is none: `close_orphaned_trials` has closed those runs first."""
+    run = trial_runs(parent).get(trial_dir)
+    if run is None or run.info.status != "RUNNING":
+        return None
+    return RunTracker(parent.uri, run.info.run_id)
+
+
 def close_orphaned_trials(parent: RunTracker, ended: set[str]) -> None:
     """Child runs a killed driver left RUNNING whose trials the resumed search runs again:
     those go on under new runs. Trials Tune had already ended (`ended`: their trial

@@ -31,6 +31,7 @@ from lmforge.train.checkpoint import set_aside_reason
 from lmforge.train.loop import StepHook
 from lmforge.train.preempt import Preempted
 from lmforge.train.trainer import hf_directory
+from lmforge.tune.halving import SyncHalving
 from lmforge.tune.preempt import SearchStop, lend, requested
 from lmforge.tune.report import (
     SearchOutcome,
@@ -43,7 +44,7 @@ from lmforge.tune.report import (
 )
 from lmforge.tune.snapshot import StateSnapshots, repair
 from lmforge.tune.space import distributions
-from lmforge.tune.trial import ranking_metric, train_driver_fn
+from lmforge.tune.trial import ranking_metric, rung_steps, train_driver_fn
 
 # --- searcher, scheduler, budget -----------------------------------------------------
 
@@ -76,11 +77,14 @@ def make_searcher(cfg: TuneConfig) -> OptunaSearch:
     return OptunaSearch(space, metric=list(goals), mode=list(goals.values()), sampler=sampler)
 
 
-def make_scheduler(spec: JobSpec) -> ASHAScheduler | FIFOScheduler:
+def make_scheduler(spec: JobSpec) -> ASHAScheduler | SyncHalving | FIFOScheduler:
     cfg = spec.tune
     if cfg.scheduler == "fifo" or cfg.multi_objective:
         return FIFOScheduler()
     # With cooldown rungs, the result at a rung carries the fork's loss as `search_loss`.
+    if cfg.scheduler == "sha":
+        return SyncHalving(ranking_metric(cfg), rung_steps(spec), cfg.reduction_factor,
+                           cfg.num_trials, cfg.max_concurrent_trials)
     return ASHAScheduler(time_attr="step", metric=ranking_metric(cfg), mode="min",
                          max_t=spec.train.steps,
                          grace_period=min(cfg.grace_period, spec.train.steps),
@@ -204,13 +208,16 @@ def _tuner(spec: JobSpec, name: str, trainable: Any, parent: RunTracker | None,
     path, where = experiment.uri, experiment.ray_storage()
     if not resume:
         stop = TokenBudget(cfg.max_tokens) if cfg.max_tokens else None
+        scheduler = make_scheduler(spec)
         return tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=make_searcher(cfg),
-                scheduler=make_scheduler(spec),
+                scheduler=scheduler,
                 num_samples=cfg.num_trials,
-                max_concurrent_trials=cfg.max_concurrent_trials,
+                # SyncHalving limits running trials itself: Tune's limit counts paused ones
+                max_concurrent_trials=None if isinstance(scheduler, SyncHalving)
+                else cfg.max_concurrent_trials,
                 time_budget_s=cfg.time_budget_s,
             ),
             # Both callbacks go into tuner.pkl and come back with a restore.

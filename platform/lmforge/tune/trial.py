@@ -24,6 +24,7 @@ from lmforge.train import Preempted, run_training
 from lmforge.train.fork import SEARCH_METRIC, CooldownRungs
 from lmforge.train.loop import StepHook
 from lmforge.train.trainer import Deadline
+from lmforge.tune.report import paused_run
 
 T = TypeVar("T")
 ABORT_GRACE_S = 2.0
@@ -61,6 +62,13 @@ def cooldown_rungs(spec: JobSpec) -> CooldownRungs | None:
     if spec.tune.rung_cooldown is None:
         return None
     return CooldownRungs(tuple(rung_steps(spec)), spec.tune.rung_cooldown)
+
+
+def checkpoint_steps(spec: JobSpec) -> tuple[int, ...]:
+    """Steps where a trial checkpoints besides `train.checkpoint_interval`: every rung
+    under `scheduler: sha`, which pauses the trial there and later resumes it from that
+    checkpoint (`lmforge.tune.halving`)."""
+    return tuple(rung_steps(spec)) if spec.tune.scheduler == "sha" else ()
 
 
 def ranking_metric(cfg: TuneConfig) -> str:
@@ -103,10 +111,13 @@ def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
     name = f"{ctx.get_experiment_name()}-{trial_name}"
     tracker = None
     if parent is not None:
-        tracker = RunTracker.start(parent.uri, experiment_id, trial_name, parent=parent, tags={
-            **(run_tags or {}), "lmforge.trial_id": ctx.get_trial_id(),
-            "lmforge.trial_dir": Path(ctx.get_trial_dir()).name})
-        tracker.log_params(config)
+        trial_dir = Path(ctx.get_trial_dir()).name
+        # A trial `scheduler: sha` paused and now promotes goes on in its own run.
+        tracker = paused_run(parent, trial_dir) or RunTracker.start(
+            parent.uri, experiment_id, trial_name, parent=parent, tags={
+                **(run_tags or {}), "lmforge.trial_id": ctx.get_trial_id(),
+                "lmforge.trial_dir": trial_dir})
+        tracker.log_params(config)  # the same values again, for a continued run
     try:
         trial_spec = spec.with_values(config)
         metrics = contextlib.nullcontext()
@@ -124,7 +135,7 @@ def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
             within(timeout_s, started, lambda: run_training(
                 trial_spec, data, tracker, name=name, callbacks=callbacks,
                 step_hook=step_hook, stop_flag=stop_flag,
-                cooldown=cooldown_rungs(spec)))
+                cooldown=cooldown_rungs(spec), checkpoint_at=checkpoint_steps(spec)))
     except Preempted as e:
         if tracker is not None:
             record_failure(tracker, e, traceback.format_exc(), status="KILLED", curve=True)
