@@ -14,7 +14,7 @@ steps, seed and random-side settings) so another ASHA setting costs only its own
 --only random|asha (one side alone; save the line for --random-from), and --asha-set /
 --random-set KEY=VALUE for one side's overrides. `replay --random-from FILE` replays ASHA
 (with a random sampler) over a saved random side's trials (`asha_replay`). Cooldown
-rungs, issue 17:
+rungs, issue 17 (`--asha-set tune.scheduler=sha` for synchronous halving on that side):
 
     nice -n 19 .venv/bin/python bench/tune.py efficiency --seed 2 --reduction-factor 4 \
         --only random --random-set tune.rung_cooldown=0.2 train.schedule=wsd > random.json
@@ -241,8 +241,9 @@ def sha_replay(histories: list[list[list[float]]], rungs: list[dict[str, list[fl
     on to the end; ranked by the forks' scores (`cooldown`) or the trials' own val_loss.
     What a scheduler that waits at each rung for every trial (HyperBand's bracket; ASHA's
     promotion form once all trials reached a rung) would spend: Ray's asynchronous ASHA
-    cannot stop the first trials to reach a rung, so they run to the end. lmforge offers no
-    such scheduler: this measures whether one would be worth it."""
+    cannot stop the first trials to reach a rung, so they run to the end. The rule
+    `tune.scheduler: sha` (`lmforge.tune.halving`) runs, checked against this replay in
+    tests/unit/test_schedule_fork.py."""
     from ray.tune.schedulers.async_hyperband import _Bracket
 
     milestones = _milestones(_Bracket(grace, steps, reduction_factor, s=0), steps)
