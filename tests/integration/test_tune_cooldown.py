@@ -5,6 +5,7 @@ own curve (`cooldown/<rung>/...`); the forks' steps count in the search's steps.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -80,7 +81,8 @@ def test_sync_halving_pauses_trials_at_rungs_and_resumes_the_promoted(ray_cluste
     """`tune.scheduler: sha` on real Tune: four trials, one at a time, each paused at the
     first rung (20) until all four have a fork score there; the best two go on (factor 2),
     restarting from the checkpoint they wrote at the rung, in the same MLflow run; at 40
-    the better of the two goes on to 60. No step is trained twice."""
+    the better of the two goes on to 60. No step is trained twice, no trial runs beside
+    another, and (the fixture's check) no Train run outlives its paused trial."""
     spec = tiny_spec("tracking.run_name=sha", "tune.scheduler=sha", "tune.num_trials=4",
                      "tune.reduction_factor=2", "tune.rung_cooldown=0.25",
                      "tune.max_concurrent_trials=1", "train.workers=1",
@@ -95,7 +97,7 @@ def test_sync_halving_pauses_trials_at_rungs_and_resumes_the_promoted(ray_cluste
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 4  # a promoted trial goes on in its own run
 
-    ends, scores, resumed = {}, {}, []
+    ends, scores, resumed, spans = {}, {}, [], []
     for child in children:
         run_id = child.info.run_id
         val, rungs = history(client, run_id, "val_loss"), history(client, run_id, "rung_val_loss")
@@ -105,17 +107,24 @@ def test_sync_halving_pauses_trials_at_rungs_and_resumes_the_promoted(ray_cluste
                    .splitlines()]
         steps = [r["step"] for r in results]
         assert steps == sorted(set(steps)), steps  # no step reported (trained) twice
+        # When it first reported, and when it reported at the rung (and paused there).
+        spans.append((results[0]["timestamp"],
+                      next(r["timestamp"] for r in results if r["step"] == 20)))
         if any(r["resumed_from_step"] == 20 for r in results):
             resumed.append(run_id)
         assert child.info.status == ("FINISHED" if ends[run_id] == 60 else "KILLED")
+    # One trial at a time (tune.max_concurrent_trials): each reached the rung before
+    # the next one started, though the paused ones were still live.
+    spans.sort()
+    assert all(rung <= first for (_, rung), (first, _) in itertools.pairwise(spans))
     assert sorted(ends.values()) == [20, 20, 40, 60]
     # Rung 20 keeps the two best forks; rung 40 the better of those two.
     by_20 = sorted(ends, key=lambda r: scores[r][20])
     assert {ends[r] for r in by_20[:2]} == {40, 60} and {ends[r] for r in by_20[2:]} == {20}
     kept = by_20[:2]
     assert ends[min(kept, key=lambda r: scores[r][40])] == 60
-    # Of the two promoted at 20, at least one was paused there (the other may be the last
-    # to arrive, which goes straight on): it resumed from its rung checkpoint.
-    assert set(resumed) & set(kept) and set(resumed) <= set(kept)
+    # Every trial's Train run ended at the rung, so both promoted there (the last to
+    # arrive too) went on in a new Train run from their rung checkpoint.
+    assert set(resumed) == set(kept)
     forks = 4 * 5 + 2 * 10
     assert summary.trial_steps_total == 20 + 20 + 40 + 60 + forks

@@ -10,6 +10,7 @@ import pytest
 import torch
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search import Searcher
 
 from lmforge.config import JobSpec, ModelConfig, SpecError, TrainConfig, load
 from lmforge.model import build_model
@@ -19,7 +20,7 @@ from lmforge.train.step import decay_lr, lr_at, make_optimizer, train_step
 from lmforge.tune.halving import SyncHalving
 from lmforge.tune.report import SearchOutcome, TrialOutcome
 from lmforge.tune.search import make_scheduler, make_searcher
-from lmforge.tune.trial import checkpoint_steps, cooldown_rungs, ranking_metric, rung_steps
+from lmforge.tune.trial import cooldown_rungs, pause_steps, ranking_metric, rung_steps
 
 CPU = torch.device("cpu")
 
@@ -346,13 +347,30 @@ class FakeTrial:
         self.trial_id, self.curve = trial_id, curve
         self.status, self.last_result, self.is_saving = Trial.PENDING, {}, False
 
+    def set_status(self, status: str) -> None:
+        self.status = status
+
+
+class FakeSearcher(Searcher):
+    def __init__(self) -> None:
+        super().__init__(metric="search_loss", mode="min")
+
+    def suggest(self, trial_id: str) -> dict:
+        return {}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        pass
+
 
 class FakeController:
     """Tune's controller as far as a scheduler sees it: its trials, and `stop_trial`,
-    which (as Tune's does) tells the scheduler `on_trial_remove` for a paused trial."""
+    which (as Tune's does) tells the scheduler `on_trial_remove` for a paused trial and
+    the searcher that the trial ended."""
 
     def __init__(self, scheduler: SyncHalving) -> None:
         self.scheduler, self.trials = scheduler, []
+        self.searcher = scheduler.limit(FakeSearcher())
 
     def get_trials(self) -> list[FakeTrial]:
         return self.trials
@@ -360,23 +378,26 @@ class FakeController:
     def stop_trial(self, trial: FakeTrial) -> None:
         assert trial.status in (Trial.PAUSED, Trial.PENDING)
         self.scheduler.on_trial_remove(self, trial)
+        self.searcher.on_trial_complete(trial.trial_id)
         trial.status = Trial.TERMINATED
 
 
 def run_bracket(scheduler: SyncHalving, curves: list[dict[int, float]],
                 fail: dict[int, int] | None = None) -> tuple[list[int], list[str]]:
-    """Drive `scheduler` as Tune does with one trial at a time: a new trial is added when
-    none is pending, the scheduler picks what runs, a running trial reports each step of
+    """Drive `scheduler` as Tune does, one trial running at a time: the searcher (limited
+    by `scheduler.limit`) creates a trial when it has room, Tune runs the trial the
+    scheduler chooses or else a PENDING one, and a running trial reports each step of
     its curve until the scheduler pauses or stops it or it ends. `fail`: trial index ->
     the step at which it errors. Returns each trial's last step and the order trials ran."""
     ctl, fail, ran = FakeController(scheduler), fail or {}, []
     while True:
-        if len(ctl.trials) < len(curves) and not any(t.status == Trial.PENDING
-                                                     for t in ctl.trials):
+        if len(ctl.trials) < len(curves) and \
+                ctl.searcher.suggest(str(len(ctl.trials))) is not None:
             trial = FakeTrial(str(len(ctl.trials)), curves[len(ctl.trials)])
             ctl.trials.append(trial)
             scheduler.on_trial_add(ctl, trial)
-        trial = scheduler.choose_trial_to_run(ctl)
+        trial = scheduler.choose_trial_to_run(ctl) or next(
+            (t for t in ctl.trials if t.status == Trial.PENDING), None)
         if trial is None:
             break
         trial.status = Trial.RUNNING
@@ -385,12 +406,14 @@ def run_bracket(scheduler: SyncHalving, curves: list[dict[int, float]],
             if fail.get(int(trial.trial_id)) == step:
                 trial.status = Trial.ERROR
                 scheduler.on_trial_error(ctl, trial)
+                ctl.searcher.on_trial_complete(trial.trial_id, error=True)
                 break
             trial.last_result = {"step": step, "search_loss": trial.curve[step]}
             decision = scheduler.on_trial_result(ctl, trial, trial.last_result)
             if step == max(trial.curve) or decision == TrialScheduler.STOP:
                 trial.status = Trial.TERMINATED
                 scheduler.on_trial_complete(ctl, trial, trial.last_result)
+                ctl.searcher.on_trial_complete(trial.trial_id, trial.last_result)
                 break
             if decision == TrialScheduler.PAUSE:
                 trial.status = Trial.PAUSED
@@ -423,15 +446,16 @@ def test_sync_halving_stops_trials_where_the_bench_replay_of_it_does():
     assert set(ran[12:]) <= set(promoted) and len(ran[12:]) <= 3 + 1
 
 
-def test_sync_halving_keeps_the_rung_s_last_trial_running_when_it_is_promoted():
-    """The trial whose report completes a rung is not paused when it goes on (no restart
-    for it), and one that ranks low there is stopped at once."""
+def test_sync_halving_pauses_every_trial_at_a_rung_even_the_promoted_last_one():
+    """A trial's Train run ends at each rung, so the scheduler never lets a trial go on
+    from there: the one whose report completes a rung is paused and (promoted) started
+    again, or stopped at once when it ranks low."""
     curves = [{10: 2.0, 20: 1.8, 40: 1.6}, {10: 1.5, 20: 1.5, 40: 1.4}]
     stopped, ran = run_bracket(SyncHalving("search_loss", [10, 20], 2, 2, 1), curves)
-    assert stopped == [10, 40] and ran == ["0", "1"]
+    assert stopped == [10, 40] and ran == ["0", "1", "1", "1"]
     curves = [{10: 1.5, 20: 1.5, 40: 1.4}, {10: 2.0, 20: 1.8, 40: 1.6}]
     stopped, ran = run_bracket(SyncHalving("search_loss", [10, 20], 2, 2, 1), curves)
-    assert stopped == [40, 10] and ran == ["0", "1", "0"]
+    assert stopped == [40, 10] and ran == ["0", "1", "0", "0"]
 
 
 def test_sync_halving_decides_a_rung_when_the_trial_it_waited_for_fails():
@@ -443,36 +467,86 @@ def test_sync_halving_decides_a_rung_when_the_trial_it_waited_for_fails():
     assert stopped == [10, 40, 0]
 
 
-def test_sync_halving_runs_at_most_max_concurrent_and_promoted_trials_first():
+def test_sync_halving_runs_at_most_max_concurrent_counting_no_waiting_trial():
+    """Tune starts every PENDING trial, so the searcher creates trials only while fewer
+    than max_concurrent are live and not paused at a rung; a promoted trial is restarted
+    only when fewer than that are running or about to."""
     scheduler = SyncHalving("search_loss", [10], 2, 3, max_concurrent=2)
     ctl = FakeController(scheduler)
-    ctl.trials = [FakeTrial(str(i), {}) for i in range(3)]
-    for t in ctl.trials:
-        scheduler.on_trial_add(ctl, t)
-    ctl.trials[0].status = ctl.trials[1].status = Trial.RUNNING
-    assert scheduler.choose_trial_to_run(ctl) is None
+    for i in range(2):
+        assert ctl.searcher.suggest(str(i)) == {}
+        ctl.trials.append(FakeTrial(str(i), {}))
+        scheduler.on_trial_add(ctl, ctl.trials[i])
+    assert ctl.searcher.suggest("2") is None  # two live: one pending, one to be
+    ctl.trials[0].status = Trial.RUNNING
+    ctl.trials[0].last_result = {"step": 10, "search_loss": 1.0}
+    assert scheduler.on_trial_result(ctl, ctl.trials[0], ctl.trials[0].last_result) \
+        == TrialScheduler.PAUSE
+    ctl.trials[0].status = Trial.PAUSED
+    assert scheduler.waiting() == {"0"}
+    assert ctl.searcher.suggest("2") == {}  # the paused trial holds no slot
+    ctl.trials.append(FakeTrial("2", {}))
+    scheduler.on_trial_add(ctl, ctl.trials[2])
+    assert ctl.searcher.suggest("3") is None
+    for trial, loss in ((ctl.trials[1], 2.0), (ctl.trials[2], 3.0)):
+        trial.status, trial.last_result = Trial.RUNNING, {"step": 10, "search_loss": loss}
+    assert scheduler.on_trial_result(ctl, ctl.trials[1], ctl.trials[1].last_result) \
+        == TrialScheduler.PAUSE
     ctl.trials[1].status = Trial.PAUSED
-    assert scheduler.choose_trial_to_run(ctl) is ctl.trials[2]  # the paused one waits
+    # Trial 2 completes the rung and ranks last: stopped; trial 0 is promoted, trial 1
+    # stopped while it waits (3 // 2 = 1 goes on).
+    assert scheduler.on_trial_result(ctl, ctl.trials[2], ctl.trials[2].last_result) \
+        == TrialScheduler.STOP
+    ctl.trials[2].status = Trial.TERMINATED
+    assert ctl.trials[1].status == Trial.TERMINATED and scheduler.waiting() == set()
+    assert scheduler.choose_trial_to_run(ctl) is ctl.trials[0]
+    ctl.trials[0].status = Trial.PENDING  # Tune stages it...
+    ctl.trials.append(FakeTrial("x", {}))  # ...and one more pending would fill the slots
+    assert scheduler.choose_trial_to_run(ctl) is None
 
 
-def test_sync_halving_restored_takes_up_from_each_trials_last_report():
+def test_sync_halving_restored_before_the_rung_is_decided():
     """Tune keeps no scheduler state across `--resume`: a new SyncHalving reads each
-    trial's last report. A trial that had reached the rung waits there (it is not started
-    again before the rung is decided), ended trials are not waited for."""
+    trial's last report. Restored trials come back PENDING; one that had reached the
+    rung is set PAUSED (Tune would start it) and waits until the rung is decided."""
     scheduler = SyncHalving("search_loss", [10], 2, 3, 1)
     ctl = FakeController(scheduler)
-    waiting, stopped, short = FakeTrial("0", {}), FakeTrial("1", {}), FakeTrial("2", {})
+    waiting, failed, short = FakeTrial("0", {}), FakeTrial("1", {}), FakeTrial("2", {})
     waiting.last_result = {"step": 10, "search_loss": 1.7}
-    stopped.last_result, stopped.status = {"step": 10, "search_loss": 2.5}, Trial.TERMINATED
+    failed.last_result, failed.status = {"step": 5, "search_loss": 2.5}, Trial.ERROR
     short.last_result = {"step": 5, "search_loss": 3.0}
-    ctl.trials = [waiting, stopped, short]
+    ctl.trials = [waiting, failed, short]
     for t in ctl.trials:
         scheduler.on_trial_add(ctl, t)
-    assert scheduler.choose_trial_to_run(ctl) is short
+    assert waiting.status == Trial.PAUSED and short.status == Trial.PENDING
+    assert scheduler.choose_trial_to_run(ctl) is None  # short runs (Tune starts it)
     short.status = Trial.RUNNING
     decision = scheduler.on_trial_result(ctl, short, {"step": 10, "search_loss": 1.2})
-    assert decision == TrialScheduler.CONTINUE  # 1.2 beats 1.7; factor 2 of 2 keeps one
+    assert decision == TrialScheduler.PAUSE  # 1.2 beats 1.7; 2 // 2 keeps one
     assert waiting.status == Trial.TERMINATED
+    short.status = Trial.PAUSED
+    assert scheduler.choose_trial_to_run(ctl) is short  # promoted: it goes on
+
+
+def test_sync_halving_restored_after_the_rung_was_decided_keeps_its_promotions():
+    """A search killed after a rung was ranked, before its promoted trials restarted:
+    the trials stopped at the rung's step show it was decided, so the two waiting there
+    are the ones it promoted (not ranked again, which would keep 2 // 2 = 1)."""
+    scheduler = SyncHalving("search_loss", [10, 20], 2, 4, 1)
+    ctl = FakeController(scheduler)
+    for i, (loss, status) in enumerate([(1.0, Trial.PENDING), (2.0, Trial.TERMINATED),
+                                        (1.5, Trial.PENDING), (3.0, Trial.TERMINATED)]):
+        trial = FakeTrial(str(i), {})
+        trial.last_result, trial.status = {"step": 10, "search_loss": loss}, status
+        ctl.trials.append(trial)
+        scheduler.on_trial_add(ctl, trial)
+    first = scheduler.choose_trial_to_run(ctl)
+    assert first is ctl.trials[0] and scheduler.waiting() == set()
+    first.status = Trial.RUNNING
+    assert scheduler.on_trial_result(ctl, first, {"step": 20, "search_loss": 0.9}) \
+        == TrialScheduler.PAUSE  # waits at 20 for trial 2
+    first.status = Trial.PAUSED
+    assert scheduler.choose_trial_to_run(ctl) is ctl.trials[2]
 
 
 def test_sha_scheduler_from_the_spec_checkpoints_trials_at_its_rungs():
@@ -485,6 +559,7 @@ def test_sha_scheduler_from_the_spec_checkpoints_trials_at_its_rungs():
     assert isinstance(sha, SyncHalving)
     assert sha._rungs == [250, 1000] and sha._metric == "search_loss"
     assert sha._num_trials == 12 and sha._max_concurrent == 2
-    assert checkpoint_steps(spec) == (250, 1000)
+    assert sha.limit(make_searcher(spec.tune)).max_concurrent == 2
+    assert pause_steps(spec) == (250, 1000)
     asha = spec.model_copy(update={"tune": spec.tune.model_copy(update={"scheduler": "asha"})})
-    assert checkpoint_steps(asha) == ()
+    assert pause_steps(asha) == ()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["Preempted", "TrainOutcome", "build_trainer", "run_training"]
+__all__ = ["Paused", "Preempted", "TrainOutcome", "build_trainer", "run_training"]
 
 
 def __getattr__(name: str) -> Any:

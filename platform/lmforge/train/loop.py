@@ -101,7 +101,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     tracker: RunTracker | None = config.get("tracker")
     step_hook: StepHook | None = config.get("step_hook")
     rungs: CooldownRungs | None = config.get("cooldown")
-    checkpoint_at: tuple[int, ...] = config.get("checkpoint_at", ())
+    pause_at: tuple[int, ...] = config.get("pause_at", ())
     cfg = spec.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -190,8 +190,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
         # The same answer on every rank (so they all report alike); the last step needs none.
         preempted = stop_check is not None and stop_check.should_stop() and done < cfg.steps
-        checkpointing = done % cfg.checkpoint_interval == 0 or done == cfg.steps \
-            or done in checkpoint_at
+        # A synchronous search's rung: checkpoint, report and end the run (`Paused`).
+        pausing = done in pause_at and done < cfg.steps
+        checkpointing = done % cfg.checkpoint_interval == 0 or done == cfg.steps or pausing
         rung = rungs is not None and done in rungs.steps and done < cfg.steps
         evaluating = checkpointing or done % cfg.eval_every == 0 or rung
         if preempted and not evaluating:
@@ -223,7 +224,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                    "tokens": (done + state.cooldown_steps) * tokens_per_step,
                    "cooldown_steps": state.cooldown_steps, "mlflow_run_id": run_id,
                    "attempt": state.attempt, "resumed_from_step": resumed_from,
-                   "stopped_early": stop, "preempted": preempted}
+                   "stopped_early": stop, "preempted": preempted, "pausing": pausing}
         if rungs is not None:
             metrics[SEARCH_METRIC] = val_loss if rung_loss is None else rung_loss
         if rung_loss is not None:
@@ -237,13 +238,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if stop:
                 say(f"[lmforge] early stop at step {done}: no better validation loss in "
                     f"{state.evals_since_best} evaluations")
-            if finishing:  # before the last report, which takes the count to the summary
+            if finishing or pausing:  # before the last report, which takes the count
                 metrics["tracking_dropped"] = log.close(spec.tracking.flush_timeout_s).dropped
             else:  # ASHA may stop the trial at this report, killing the sender thread
                 log.drain(DRAIN_S)
         _report(metrics, model, par, optimizer, data, rank, state,
                 checkpoint=checkpointing or stop or preempted, taken=set_aside)
-        if stop or preempted:
+        if stop or preempted or pausing:
             break
     if stop_check is not None:
         stop_check.close()

@@ -88,14 +88,23 @@ class Deadline(ControllerCallback):
                                          abort()), daemon=True).start()
 
 
+class Paused(Exception):  # noqa: N818 (a state, as `Preempted` is, not an error)
+    """The run reached a step of `pause_at`, checkpointed and ended there. `metrics`: its
+    last report, with the checkpoint's `checkpoint_path`."""
+
+    def __init__(self, metrics: dict[str, Any]) -> None:
+        super().__init__(f"paused after step {metrics['step']}")
+        self.metrics = metrics
+
+
 def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, name: str,
                   callbacks: Sequence[UserCallback | ControllerCallback] = (),
                   step_hook: StepHook | None = None, stop_flag: Any = None,
                   cooldown: CooldownRungs | None = None,
-                  checkpoint_at: tuple[int, ...] = ()) -> TorchTrainer:
+                  pause_at: tuple[int, ...] = ()) -> TorchTrainer:
     """`stop_flag`: a `StopFlag` handle whose request makes every worker checkpoint at the
-    next step boundary and stop (`lmforge.train.preempt`). `checkpoint_at`: steps that
-    evaluate and checkpoint besides `train.checkpoint_interval`'s."""
+    next step boundary and stop (`lmforge.train.preempt`). `pause_at`: steps where the
+    run evaluates, checkpoints and ends (`Paused`)."""
     cfg = spec.train
     require_shared_storage(spec, search=False)  # a multi-host run needs shared paths
     check_supported(cfg)  # a method this cluster cannot run fails here, not in every worker
@@ -103,7 +112,7 @@ def build_trainer(spec: JobSpec, data: PreparedData, tracker: RunTracker | None,
         train_fn_per_worker,
         train_loop_config={"spec": spec, "data": data, "tracker": tracker,
                            "step_hook": step_hook, "cooldown": cooldown,
-                           "checkpoint_at": checkpoint_at, "stop_flag": stop_flag},
+                           "pause_at": pause_at, "stop_flag": stop_flag},
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.use_gpu,
@@ -128,7 +137,7 @@ def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, 
                  step_hook: StepHook | None = None, preemptible: bool = False,
                  stop_flag: Any = None,
                  cooldown: CooldownRungs | None = None,
-                 checkpoint_at: tuple[int, ...] = ()) -> TrainOutcome:
+                 pause_at: tuple[int, ...] = ()) -> TrainOutcome:
     """Train run `name` to `train.steps` (or an early stop). Ray Train continues the run
     from the latest checkpoint it finds in storage under `name`: whether that is wanted
     (`--resume`) or refused is the caller's rule (`lmforge.runs.NamedRun`).
@@ -143,12 +152,12 @@ def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, 
     thread (a trial); it raises `Preempted` too.
 
     `cooldown`: the steps at which every worker scores a cooldown fork (a search's rungs
-    with `tune.rung_cooldown`; `lmforge.train.fork`). `checkpoint_at`: steps that also
-    evaluate and checkpoint (a synchronous search's rungs, where its trials pause and from
-    where they resume)."""
+    with `tune.rung_cooldown`; `lmforge.train.fork`). `pause_at`: steps where the run
+    evaluates, checkpoints and ends, raising `Paused` (a synchronous search's rungs: the
+    trial waits there, and a later run with the same name resumes from that checkpoint)."""
     preemption = Preemption() if preemptible else None
     trainer = build_trainer(spec, data, tracker, name, callbacks, step_hook,
-                            preemption.flag if preemption else stop_flag, cooldown, checkpoint_at)
+                            preemption.flag if preemption else stop_flag, cooldown, pause_at)
     try:
         result = preemption.run(trainer.fit) if preemption else trainer.fit()
     finally:
@@ -157,6 +166,8 @@ def run_training(spec: JobSpec, data: PreparedData, tracker: RunTracker | None, 
     m = result.metrics or {}
     if m.get("preempted"):
         raise Preempted(m["step"])
+    if m.get("pausing"):
+        raise Paused({**m, "checkpoint_path": result.checkpoint.path})
     best = best_intact(result.best_checkpoints)
     if best is None:
         raise RuntimeError(f"training run {name!r} reported no checkpoint that loads")

@@ -208,16 +208,16 @@ def _tuner(spec: JobSpec, name: str, trainable: Any, parent: RunTracker | None,
     path, where = experiment.uri, experiment.ray_storage()
     if not resume:
         stop = TokenBudget(cfg.max_tokens) if cfg.max_tokens else None
-        scheduler = make_scheduler(spec)
+        scheduler, searcher = make_scheduler(spec), make_searcher(cfg)
+        sync = isinstance(scheduler, SyncHalving)
         return tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher(cfg),
+                # SyncHalving's trials pause at rungs: Tune's own limit would count them
+                search_alg=scheduler.limit(searcher) if sync else searcher,
                 scheduler=scheduler,
                 num_samples=cfg.num_trials,
-                # SyncHalving limits running trials itself: Tune's limit counts paused ones
-                max_concurrent_trials=None if isinstance(scheduler, SyncHalving)
-                else cfg.max_concurrent_trials,
+                max_concurrent_trials=None if sync else cfg.max_concurrent_trials,
                 time_budget_s=cfg.time_budget_s,
             ),
             # Both callbacks go into tuner.pkl and come back with a restore.

@@ -20,7 +20,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from lmforge.config import JobSpec, TuneConfig
 from lmforge.data import PreparedData
 from lmforge.tracking import RunTracker, record_failure
-from lmforge.train import Preempted, run_training
+from lmforge.train import Paused, Preempted, run_training
 from lmforge.train.fork import SEARCH_METRIC, CooldownRungs
 from lmforge.train.loop import StepHook
 from lmforge.train.trainer import Deadline
@@ -35,13 +35,14 @@ class TrialTimeout(RuntimeError):
 
 
 class ReportToTune(TuneReportCallback):
-    """Ray's TuneReportCallback, less a preemption's report: that checkpoint was not
+    """Ray's TuneReportCallback, less two reports: a preemption's (that checkpoint was not
     evaluated and its val_loss is a placeholder, which ASHA would take for the trial's
-    worst result at a rung (and stop it) and the searcher would learn from."""
+    worst result at a rung and the searcher would learn from), and a pause's, which the
+    trial sends itself once its Train run has ended (`train_driver_fn`)."""
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
                      checkpoint: Any) -> None:
-        if metrics and metrics[0].get("preempted"):
+        if metrics and (metrics[0].get("preempted") or metrics[0].get("pausing")):
             return
         super().after_report(run_context, metrics, checkpoint)
 
@@ -64,10 +65,10 @@ def cooldown_rungs(spec: JobSpec) -> CooldownRungs | None:
     return CooldownRungs(tuple(rung_steps(spec)), spec.tune.rung_cooldown)
 
 
-def checkpoint_steps(spec: JobSpec) -> tuple[int, ...]:
-    """Steps where a trial checkpoints besides `train.checkpoint_interval`: every rung
-    under `scheduler: sha`, which pauses the trial there and later resumes it from that
-    checkpoint (`lmforge.tune.halving`)."""
+def pause_steps(spec: JobSpec) -> tuple[int, ...]:
+    """Steps where a trial's Train run checkpoints and ends, and the trial reports and
+    waits: every rung under `scheduler: sha`, which pauses the trial there and may resume
+    it later from that checkpoint (`lmforge.tune.halving`)."""
     return tuple(rung_steps(spec)) if spec.tune.scheduler == "sha" else ()
 
 
@@ -135,7 +136,14 @@ def train_driver_fn(config: dict[str, Any], spec: JobSpec, data: PreparedData,
             within(timeout_s, started, lambda: run_training(
                 trial_spec, data, tracker, name=name, callbacks=callbacks,
                 step_hook=step_hook, stop_flag=stop_flag,
-                cooldown=cooldown_rungs(spec), checkpoint_at=checkpoint_steps(spec)))
+                cooldown=cooldown_rungs(spec), pause_at=pause_steps(spec)))
+    except Paused as e:
+        # At a rung of `scheduler: sha`, with the Train run over (its workers and placement
+        # group freed): only now does Tune see the rung's result, so when the scheduler
+        # pauses or stops the trial, its actor ends with no Train run left to orphan.
+        # Its MLflow run stays open for the run that goes on (`paused_run`).
+        tune.report(e.metrics)
+        threading.Event().wait()  # until Tune pauses or stops this trial (it always does)
     except Preempted as e:
         if tracker is not None:
             record_failure(tracker, e, traceback.format_exc(), status="KILLED", curve=True)
