@@ -76,6 +76,9 @@ def register(checkpoint_dir: str, tracker: RunTracker, cfg: RegistryConfig,
         model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
     mlflow.set_tracking_uri(tracker.uri)
+    # The fluent run `log_model` needs reopens the run and, leaving, ends it FINISHED:
+    # a trial a budget stopped, already closed KILLED, keeps that status.
+    ended = tracker.status()
     with mlflow.start_run(run_id=tracker.run_id):
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
@@ -90,6 +93,8 @@ def register(checkpoint_dir: str, tracker: RunTracker, cfg: RegistryConfig,
             mlflow.log_artifacts(str(adapter), ADAPTER_DIR)
             tags = tags | {"lmforge.method": "lora", "lmforge.base_model": base_of(adapter),
                            "lmforge.adapter_uri": f"runs:/{tracker.run_id}/{ADAPTER_DIR}"}
+    if ended in ("KILLED", "FAILED"):
+        tracker.finish(ended)
     version = int(info.registered_model_version)
     client = MlflowClient(tracker.uri)
     for key, value in tags.items():

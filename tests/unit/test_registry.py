@@ -86,3 +86,26 @@ def test_the_downloaded_copy_is_removed_when_the_load_fails(artifact, tmpdir_roo
 def test_a_given_destination_keeps_the_copy(artifact, tmp_path):
     load_model(artifact.as_uri(), dst=str(tmp_path / "keep"))
     assert (tmp_path / "keep" / "artifact" / "model" / "config.json").exists()
+
+
+# --- register keeps the run's status ------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["KILLED", "FINISHED"])
+def test_registering_a_runs_model_keeps_the_status_it_ended_with(tiny_model, char_tok, tmp_path,
+                                                                  status):
+    """The best trial of a search its budget stopped early was closed KILLED; registering
+    its model (through MLflow's fluent run, which ends FINISHED) must not make it FINISHED."""
+    from lmforge.config import RegistryConfig
+    from lmforge.registry import register
+    from lmforge.tracking import RunTracker, experiment_id
+
+    checkpoint = tmp_path / "checkpoint"
+    tiny_model.save_pretrained(checkpoint)
+    char_tok.save_pretrained(checkpoint)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = RunTracker.start(uri, experiment_id(uri, "reg", tmp_path / "art"), "trial")
+    tracker.finish(status)
+    register(str(checkpoint), tracker, RegistryConfig(model_name="reg-tiny"), {},
+             max_new_tokens=4)
+    assert tracker.status() == status

@@ -19,7 +19,7 @@ from lmforge.train.parallel import Parallel
 from lmforge.train.step import decay_lr, lr_at, make_optimizer, train_step
 from lmforge.tune.halving import SyncHalving
 from lmforge.tune.report import SearchOutcome, TrialOutcome
-from lmforge.tune.search import make_scheduler, make_searcher
+from lmforge.tune.search import make_scheduler, make_searcher, unfinished_bracket
 from lmforge.tune.trial import cooldown_rungs, pause_steps, ranking_metric, rung_steps
 
 CPU = torch.device("cpu")
@@ -563,3 +563,18 @@ def test_sha_scheduler_from_the_spec_checkpoints_trials_at_its_rungs():
     assert pause_steps(spec) == (250, 1000)
     asha = spec.model_copy(update={"tune": spec.tune.model_copy(update={"scheduler": "asha"})})
     assert pause_steps(asha) == ()
+
+
+def test_sha_search_cut_short_by_its_budget_says_so():
+    spec = JobSpec.model_validate({"train": {"steps": 2000},
+                                   "tune": {"scheduler": "sha", "num_trials": 16}})
+
+    def trial(steps: int, status: str = "STOPPED") -> TrialOutcome:
+        return TrialOutcome("t", {}, status, steps, 2.0, 2.0, 1.0, 0, None, "", None)
+    cut = [trial(250)] * 15 + [trial(750)]
+    warning = unfinished_bracket(spec, cut)
+    assert "no trial reached train.steps (2000)" in warning and "step 750" in warning
+    assert "tune.num_trials (16)" in warning
+    assert unfinished_bracket(spec, [*cut, trial(2000, "FINISHED")]) is None
+    asha = spec.with_values({"tune.scheduler": "asha"})
+    assert unfinished_bracket(asha, cut) is None
