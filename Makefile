@@ -23,7 +23,7 @@ test: install  ## unit (seconds, no Ray) then integration (real Ray, MLflow, HTT
 # Integration tests that chain several stages for minutes each (marker `long`): CI runs them
 # as a step of their own, so `make test` stays within its 20-minute budget.
 .PHONY: test-long
-test-long: install  ## the `long` integration chains (S3 storage for train and tune, a LoRA fine-tune served, synchronous halving)
+test-long: install  ## the `long` integration chains (S3 storage, a LoRA fine-tune served, a 2-node cluster's jobs and DDP, searches with forks, halving, on an MLflow server)
 	$(BIN)/python -m pytest --durations=0 -m long tests/integration
 
 .PHONY: test-fast

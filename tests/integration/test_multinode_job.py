@@ -47,6 +47,9 @@ def train_workers(address: str, env: dict[str, str], job_id: str) -> list[dict]:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+pytestmark = pytest.mark.long  # a 2-node cluster, jobs on it, a stop: minutes (`make test-long`)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
     """`lmforge cluster up --nodes 2 --cpus-per-node 1` as a user with their own HOME (so

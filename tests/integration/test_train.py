@@ -132,6 +132,7 @@ def test_two_worker_fsdp_with_accumulation_lowers_loss_and_exports(fsdp_run):
     assert out.shape[1] == len(tok("The ")["input_ids"]) + 5
 
 
+@pytest.mark.long  # a second raylet and a 2-node DDP run: minutes (`make test-long`)
 def test_two_nodes_give_the_one_node_loss_curve(ddp_run, tmp_path: Path):
     """2 workers on 2 raylets (1 CPU each, so one worker per node), same spec and seed."""
     with LocalCluster.up(nodes=2, cpus_per_node=1, root=tmp_path / "cluster") as cluster:

@@ -19,6 +19,7 @@ def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
+@pytest.mark.long  # two trials of two DDP workers with forks: minutes (`make test-long`)
 def test_asha_ranks_trials_by_their_cooldown_forks(ray_cluster, tiny_spec, tmp_path: Path):
     spec = tiny_spec("tracking.run_name=cooldown", "train.schedule=wsd",
                      "train.decay_fraction=0.2", "tune.max_concurrent_trials=1",

@@ -18,6 +18,7 @@ from lmforge.pipeline import Stages, execute
 from lmforge.tune import run_search
 
 
+@pytest.mark.long  # a search of concurrent trials on an `mlflow server`: minutes (`make test-long`)
 def test_concurrent_search_on_mlflow_server(ray_cluster, tiny_spec, tmp_path: Path,
                                             mlflow_server: str):
     spec = tiny_spec(
