@@ -3,6 +3,7 @@ fork, and a fork that leaves the run exactly as it was."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -576,5 +577,7 @@ def test_sha_search_cut_short_by_its_budget_says_so():
     assert "no trial reached train.steps (2000)" in warning and "step 750" in warning
     assert "tune.num_trials (16)" in warning
     assert unfinished_bracket(spec, [*cut, trial(2000, "FINISHED")]) is None
+    failed = dataclasses.replace(trial(250), error="RuntimeError: boom")
+    assert unfinished_bracket(spec, [failed]) is None  # "every trial failed" says it
     asha = spec.with_values({"tune.scheduler": "asha"})
     assert unfinished_bracket(asha, cut) is None

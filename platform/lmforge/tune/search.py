@@ -253,13 +253,14 @@ def _tuner(spec: JobSpec, name: str, trainable: Any, parent: RunTracker | None,
 def unfinished_bracket(spec: JobSpec, trials: list[TrialOutcome]) -> str | None:
     """Under `scheduler: sha`, a search whose budget ended before its bracket passed every
     rung has no trial at `train.steps`, and its best is an early rung's: say so, and how to
-    size the search (measured: 16 trials did not get past the first rung's promotions in
-    the shipped 30-minute search on 2 cores)."""
-    cfg = spec.tune
-    if cfg.scheduler != "sha" or cfg.multi_objective or not trials or any(
-            t.status == "FINISHED" for t in trials):
+    size the search (measured: a bracket of 16 had not passed its second rung when the
+    shipped 30-minute search's budget ended, on 2 cores). Not when every trial failed:
+    that is an error of its own."""
+    cfg, ran = spec.tune, [t for t in trials if t.error is None]
+    if cfg.scheduler != "sha" or cfg.multi_objective or not ran or any(
+            t.status == "FINISHED" for t in ran):
         return None
-    furthest = max(t.steps for t in trials)
+    furthest = max(t.steps for t in ran)
     return (f"[lmforge] tune.scheduler sha: no trial reached train.steps "
             f"({spec.train.steps}); the furthest stopped at step {furthest}. The search ended "
             f"(tune.time_budget_s or tune.max_tokens) before its bracket of tune.num_trials "
