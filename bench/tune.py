@@ -5,6 +5,8 @@
     .venv/bin/python bench/tune.py efficiency   # ASHA + TPE vs random search without early
                                                 # stopping, equal trial count
     .venv/bin/python bench/tune.py overhead     # K short trials at concurrency 2
+    .venv/bin/python bench/tune.py noise train.lr=3.5e-3 ...  # one configuration, trained
+                                                # once per train.seed: run-to-run spread
 
 `efficiency` and `overhead` take --trials/--steps to run at a reduced size (say so when
 quoting the figures). `efficiency` also takes --seed, --reduction-factor (ASHA's, and
@@ -390,6 +392,29 @@ def overhead(trials: int, steps: int) -> dict[str, Any]:
             "target": "<= 1.2", "met": ratio <= 1.2}
 
 
+def noise(seeds: list[int], overrides: list[str]) -> dict[str, Any]:
+    """Run-to-run spread: one configuration (the spec's, with `overrides`) trained to the
+    end once per `train.seed` (the initialisation and the data order; every trial of a
+    search trains with the spec's, 1337), one `lmforge train` after another. A search's
+    targets compare one trial's final loss with another's; a difference smaller than
+    this spread is chance, not a better configuration."""
+    losses: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-noise-") as tmp:
+        for seed in seeds:
+            out = subprocess.run(
+                [str(Path(sys.executable).parent / "lmforge"), "train", str(SPEC),
+                 f"data.cache_dir={ROOT / 'runs' / 'cache'}", f"train.storage_path={tmp}/ray",
+                 f"tracking.uri=sqlite:///{tmp}/mlflow.db", "registry.enabled=false",
+                 f"tracking.run_name=noise-seed{seed}", *overrides, f"train.seed={seed}"],
+                cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True)
+            losses[seed] = json.loads(out.stdout.strip().splitlines()[-1])["val_loss"]
+    values = np.array(list(losses.values()))
+    return {"bench": "noise", "overrides": overrides, "val_loss_by_seed": losses,
+            "mean": round(float(values.mean()), 4),
+            "std": round(float(values.std(ddof=1)), 4) if len(values) > 1 else None,
+            "range": round(float(values.max() - values.min()), 4)}
+
+
 def _ends(summary: dict[str, Any]) -> list[int]:
     client = MlflowClient(summary.tracking_uri)
     parent = client.get_run(summary.mlflow_run_id)
@@ -401,13 +426,18 @@ def _ends(summary: dict[str, Any]) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["quality", "efficiency", "overhead", "replay"])
+    parser.add_argument("which", choices=["quality", "efficiency", "overhead", "replay",
+                                          "noise"])
     parser.add_argument("--trials", type=int, default=None,
                         help="efficiency: trials per search (default 12); overhead: K (6)")
     parser.add_argument("--steps", type=int, default=None,
                         help="steps per trial (efficiency default 2000, overhead 100)")
     parser.add_argument("--seed", type=int, default=0,
                         help="efficiency: tune.seed of both searches (their samplers)")
+    parser.add_argument("--train-seeds", default="1337,1,2",
+                        type=lambda s: [int(x) for x in s.split(",")],
+                        help="noise: the train.seed of each run, comma-separated (default "
+                             "1337,1,2; 1337 is every search trial's)")
     parser.add_argument("--reduction-factor", type=int, default=None,
                         help="efficiency: ASHA's reduction factor (default: the spec's); "
                              "replay: the factor to replay (default: the run's)")
@@ -421,12 +451,15 @@ def main() -> None:
     parser.add_argument("--random-set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="efficiency: overrides for the random side only")
     parser.add_argument("overrides", nargs="*",
-                        help="quality, efficiency (both searches): spec overrides, key=value")
+                        help="quality, efficiency (both searches), noise: spec overrides, "
+                             "key=value")
     args = parser.parse_intermixed_args()
     if args.which == "replay":  # bench/tune.py replay --random-from OUT.json
         old = json.loads(args.random_from.read_text().strip().splitlines()[-1])
         result = {k: v for k, v in old.items() if k != "random"} | \
             replays(old["random"], old, args.reduction_factor)
+    elif args.which == "noise":
+        result = noise(args.train_seeds, args.overrides)
     elif args.which == "quality":
         result = quality(args.overrides)
     elif args.which == "efficiency":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
 
 import numpy as np
 import pytest
@@ -581,3 +582,24 @@ def test_sha_search_cut_short_by_its_budget_says_so():
     assert unfinished_bracket(spec, [failed]) is None  # "every trial failed" says it
     asha = spec.with_values({"tune.scheduler": "asha"})
     assert unfinished_bracket(asha, cut) is None
+
+
+def test_bench_noise_trains_one_configuration_once_per_seed(monkeypatch):
+    """`bench/tune.py noise`: one `lmforge train` per seed, the seed given last (after the
+    user's overrides, so it cannot be overridden away), and the spread of their losses."""
+    bench = bench_tune()
+    calls = []
+
+    def fake_run(cmd, **kwargs):  # noqa: ANN001, ANN202
+        calls.append(cmd)
+        seed = int(cmd[-1].split("=")[1])
+        loss = {1337: 1.735, 1: 1.745, 2: 1.740}[seed]
+        return subprocess.CompletedProcess(cmd, 0, stdout=f"log\n{{\"val_loss\": {loss}}}\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    out = bench.noise([1337, 1, 2], ["train.lr=3.5e-3", "train.seed=7"])
+    assert [c[1] for c in calls] == ["train"] * 3
+    assert [c[-1] for c in calls] == ["train.seed=1337", "train.seed=1", "train.seed=2"]
+    assert all("train.lr=3.5e-3" in c and "registry.enabled=false" in c for c in calls)
+    assert out["val_loss_by_seed"] == {1337: 1.735, 1: 1.745, 2: 1.740}
+    assert out["mean"] == 1.74 and out["std"] == 0.005 and out["range"] == 0.01
