@@ -56,12 +56,18 @@ REFERENCE_VAL_LOSS = 1.88
 QUALITY_MARGIN = 0.05
 
 
+def _lmforge(command: str, overrides: list[str]) -> dict[str, Any]:
+    """`lmforge COMMAND SPEC OVERRIDES...` as a user runs it; its summary is the last line
+    it prints on stdout."""
+    out = subprocess.run([str(Path(sys.executable).parent / "lmforge"), command, str(SPEC),
+                          *overrides], cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def quality(overrides: list[str]) -> dict[str, Any]:
     """The shipped search, run as a user runs it; its summary is the last stdout line."""
     start = time.perf_counter()
-    out = subprocess.run([str(Path(sys.executable).parent / "lmforge"), "tune", str(SPEC),
-                          *overrides], cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True)
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    summary = _lmforge("tune", overrides)
     best = summary["best_val_loss"]
     return {"bench": "quality", "best_val_loss": best, "steps": summary["steps"],
             "best_config": summary["best_config"], "trials": summary["trials"],
@@ -401,13 +407,11 @@ def noise(seeds: list[int], overrides: list[str]) -> dict[str, Any]:
     losses: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-noise-") as tmp:
         for seed in seeds:
-            out = subprocess.run(
-                [str(Path(sys.executable).parent / "lmforge"), "train", str(SPEC),
-                 f"data.cache_dir={ROOT / 'runs' / 'cache'}", f"train.storage_path={tmp}/ray",
-                 f"tracking.uri=sqlite:///{tmp}/mlflow.db", "registry.enabled=false",
-                 f"tracking.run_name=noise-seed{seed}", *overrides, f"train.seed={seed}"],
-                cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True)
-            losses[seed] = json.loads(out.stdout.strip().splitlines()[-1])["val_loss"]
+            losses[seed] = _lmforge("train", [
+                f"data.cache_dir={ROOT / 'runs' / 'cache'}", f"train.storage_path={tmp}/ray",
+                f"tracking.uri=sqlite:///{tmp}/mlflow.db", "registry.enabled=false",
+                f"tracking.run_name=noise-seed{seed}", *overrides, f"train.seed={seed}"]
+            )["val_loss"]
     values = np.array(list(losses.values()))
     return {"bench": "noise", "overrides": overrides, "val_loss_by_seed": losses,
             "mean": round(float(values.mean()), 4),
