@@ -106,15 +106,46 @@ def no_training_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
         wait_until(lambda: not _reserved_placement_groups(), "placement groups released",
                    timeout_s=60)
     except AssertionError:
-        left = _reserved_placement_groups()
+        left = _describe_reserved()
         _stop_training_runs()
-        pytest.fail(f"the test left {len(left)} placement group(s) reserved: {left}; "
-                    "stopped its training run(s)")
+        pytest.fail(f"the test left placement groups reserved ({left}); stopped its "
+                    "training run(s)")
 
 
 def _reserved_placement_groups() -> list[str]:
     return [pg_id for pg_id, pg in ray.util.placement_group_table().items()
             if pg["state"] != "REMOVED"]
+
+
+def _describe_reserved() -> str:
+    """What a failure report needs to say why a placement group outlived its test: each
+    reserved group (state, bundles: a Train run's workers or a Tune trial's driver), the
+    Train actors still alive, and what Ray Train's `PlacementGroupCleaner`s logged. Each
+    cleaner removes its run's group once the run's controller has died (Tune ends a stopped
+    trial's actor, and the controller with it); a group left with no controller alive means
+    a cleaner that did not."""
+    from ray.util.state import list_actors
+
+    table = ray.util.placement_group_table()
+    parts = [f"{pg_id} {table[pg_id]['state']} {list(table[pg_id]['bundles'].values())}"
+             for pg_id in _reserved_placement_groups()]
+    try:
+        actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=1000,
+                             filters=[("state", "!=", "DEAD")], timeout=20)
+        alive = [f"{a.class_name} pid {a.pid}" for a in actors if a.class_name in
+                 {"TrainController", "PlacementGroupCleaner", "RayTrainWorker"}]
+        parts.append(f"alive: {alive or 'no Train actor'}")
+    except Exception as e:  # the report must not fail on the State API it asks
+        parts.append(f"State API: {type(e).__name__}: {e}")
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    for log in sorted(logs.glob("worker-*.err")):
+        text = log.read_text(errors="replace")
+        if ":actor_name:PlacementGroupCleaner" in text:
+            said = [line for line in text.splitlines()
+                    if line and not line.startswith(":") and "Cleaning up" not in line]
+            if said:
+                parts.append(f"cleaner {log.name}: {' | '.join(said[-5:])}")
+    return "; ".join(parts)
 
 
 def _stop_training_runs() -> None:
