@@ -35,6 +35,7 @@ import ray
 from lmforge.cluster import private_cluster_options
 from lmforge.config import JobSpec, load
 from lmforge.registry import LoadedModel
+from lmforge.tune.reaper import orphaned_train_groups
 
 from .integration.helpers import BIN, SPEC, TRAIN_POLL_ENV, free_port, wait_until
 
@@ -119,15 +120,22 @@ def _reserved_placement_groups() -> list[str]:
 
 def _describe_reserved() -> str:
     """What a failure report needs to say why a placement group outlived its test: each
-    reserved group (state, bundles: a Train run's workers or a Tune trial's driver), the
-    Train actors still alive, and what Ray Train's `PlacementGroupCleaner`s logged. Each
-    cleaner removes its run's group once the run's controller has died (Tune ends a stopped
-    trial's actor, and the controller with it); a group left with no controller alive means
-    a cleaner that did not."""
+    reserved group (state; bundles: a Train run's workers or a Tune trial's driver; whether
+    its creator is a dead Train controller), the Train actors still alive, and what Ray
+    Train's `PlacementGroupCleaner`s logged. Each cleaner removes its run's group once the
+    run's controller has died (Tune ends a stopped trial's actor, and the controller with
+    it), and a search removes what a cleaner left (`lmforge.tune.reaper`): a group of a dead
+    controller left after a search means neither did."""
     from ray.util.state import list_actors
 
     table = ray.util.placement_group_table()
-    parts = [f"{pg_id} {table[pg_id]['state']} {list(table[pg_id]['bundles'].values())}"
+    parts, orphans = [], set()
+    try:
+        orphans = set(orphaned_train_groups())  # what the search's reaper would remove
+    except Exception as e:  # the report must not fail on the GCS it asks
+        parts.append(f"GCS tables: {type(e).__name__}: {e}")
+    parts += [f"{pg_id} {table[pg_id]['state']} {list(table[pg_id]['bundles'].values())}"
+             + (" (its Train controller is dead)" if pg_id in orphans else "")
              for pg_id in _reserved_placement_groups()]
     try:
         actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=1000,

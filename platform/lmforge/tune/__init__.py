@@ -6,6 +6,8 @@ fields, each trial a distributed training run.
 - `space.py`: the spec's search space as Optuna distributions;
 - `report.py`: the outcome, and what the search's MLflow parent run holds of it;
 - `snapshot.py`: intact copies of Tune's state files, put back on `--resume`;
+- `reaper.py`: removes the placement groups of Train runs whose controller died with its
+  trial, which Ray Train's own cleaner left reserved;
 - `preempt.py`: SIGTERM to the driver checkpoints every running trial and saves the
   search's state, for `--resume`.
 

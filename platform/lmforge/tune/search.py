@@ -33,6 +33,7 @@ from lmforge.train.preempt import Preempted
 from lmforge.train.trainer import hf_directory
 from lmforge.tune.halving import SyncHalving
 from lmforge.tune.preempt import SearchStop, lend, requested
+from lmforge.tune.reaper import ReapTrainGroups, reap_train_groups
 from lmforge.tune.report import (
     SearchOutcome,
     TrialOutcome,
@@ -171,6 +172,9 @@ def run_search(spec: JobSpec, data: PreparedData, parent: RunTracker | None,
         )
         grid = _tuner(spec, name, trainable, parent, resume).fit()
         stopped = requested(stop_flag)
+    # The last trials' controllers die after Tune has ended their actors, and may leave
+    # their workers' placement groups reserved for the next search or run to wait on.
+    reap_train_groups()
     if stopped is not None:
         steps = ", ".join(f"{trial} after step {step}" for trial, step in sorted(stopped.items()))
         raise Preempted(max(stopped.values(), default=0),
@@ -222,9 +226,10 @@ def _tuner(spec: JobSpec, name: str, trainable: Any, parent: RunTracker | None,
                 max_concurrent_trials=None if sync else cfg.max_concurrent_trials,
                 time_budget_s=cfg.time_budget_s,
             ),
-            # Both callbacks go into tuner.pkl and come back with a restore.
+            # The callbacks go into tuner.pkl and come back with a restore.
             run_config=tune.RunConfig(name=name, stop=stop,
-                                      callbacks=[StateSnapshots(), SearchStop(name)],
+                                      callbacks=[StateSnapshots(), SearchStop(name),
+                                                 ReapTrainGroups()],
                                       verbose=1,
                                       **resolve(cfg.storage_path, "tune.storage_path")
                                       .ray_storage()),
