@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import cloudpickle
+import pytest
 import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -87,6 +88,7 @@ def kill_cleaners(info: StepInfo) -> None:
             os.kill(cleaner.pid, signal.SIGKILL)
 
 
+@pytest.mark.long  # a search: ~35 s of make test's budget, with the searches in test-long
 def test_a_search_removes_the_group_of_a_trial_tune_stopped(ray_cluster, tiny_spec,
                                                             tmp_path, capfd):
     # The token budget ends the search at its first report (step 20 of 60: 5,120 tokens),
