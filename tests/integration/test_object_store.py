@@ -56,6 +56,10 @@ def test_train_and_tune_with_storage_on_s3(ray_cluster, s3_env, tmp_path: Path):
     assert summary["trials"] == 2 and summary["registered_version"] == 2, summary
     tune_files = _listing(f"{bucket}/tune/s3-search")
     assert "lmforge_run.json" in tune_files and "tuner.pkl" in tune_files, tune_files
+    # The last intact copy of Tune's state, for a --resume after a kill mid-upload.
+    assert ".lmforge-state/LATEST" in tune_files, tune_files
+    assert any(f.startswith(".lmforge-state/") and "/experiment_state-" in f
+               for f in tune_files), tune_files
     # Each trial's Train run checkpoints under train.storage_path, in the bucket too.
     assert any(f.startswith("s3-search-") for f in _listing(f"{bucket}/train")), \
         _listing(f"{bucket}/train")

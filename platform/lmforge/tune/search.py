@@ -237,10 +237,9 @@ def _tuner(spec: JobSpec, name: str, trainable: Any, parent: RunTracker | None,
     if not tune.Tuner.can_restore(where["storage_path"],
                                   storage_filesystem=where["storage_filesystem"]):
         raise ResumeError(f"{path}: no Ray Tune experiment state to resume")
-    # Tune's state files are repaired where they are local. In an object store each put
-    # is whole, but Tune can upload a file it is rewriting (docs/tuning.md): not yet
-    # repaired there.
-    if experiment.is_local and (damaged := repair(Path(path))):
+    # A driver killed while Tune wrote its state (or, in an object store, while it uploaded
+    # a file it was rewriting) leaves a file cut short: put the last intact set back.
+    if damaged := repair(experiment.fs, experiment.path):
         print(f"[lmforge] {', '.join(damaged)} in {path} was cut short (the driver was "
               "killed while writing it); resuming from the last intact copy of the "
               "search's state", file=sys.stderr, flush=True)
