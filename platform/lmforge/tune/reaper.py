@@ -7,9 +7,10 @@ lives, which for a search is its driver: the group's CPUs stay reserved, and the
 waits for its workers forever (WorkerGroupStartupTimeoutError every 60 s).
 
 Ray Train starts a `PlacementGroupCleaner` per run to remove it: a detached actor whose
-thread polls the dashboard's State API for its controller. It has one try: a group it has
-not been told of yet, a thread that dies on an error its loop does not catch, a State API
-that does not answer, a removal that fails once, and the group stays. CI's `make test-long`
+thread polls the dashboard's State API for its controller. It has no second chance: if the
+controller dies before registering its group, if the thread stops on an error its loop does
+not catch, if the State API does not answer, or if one removal fails, the group stays
+reserved. CI's `make test-long`
 once found a group 60 s after a search with no Train actor alive (docs/testing.md). So the
 search removes them too (`ReapTrainGroups` while it runs, `reap_train_groups` once it has
 ended), by the cleaner's own rule, a run's group is free once its controller is dead, read
