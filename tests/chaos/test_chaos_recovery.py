@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import pytest
 from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors
@@ -182,7 +183,7 @@ def test_resume_after_killed_driver(ray_cluster, tiny_spec, tmp_path: Path, chao
     # land mid-write, and CI once saw it leave the file empty. Make that happen every time:
     # the resume must go on from lmforge's last intact snapshot of Tune's state.
     (state,) = experiment.glob("experiment_state-*.json")
-    assert latest_snapshot(experiment) is not None
+    assert latest_snapshot(pyarrow.fs.LocalFileSystem(), str(experiment)) is not None
     state.write_bytes(b"")
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
