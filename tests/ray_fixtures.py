@@ -35,7 +35,7 @@ import ray
 from lmforge.cluster import private_cluster_options
 from lmforge.config import JobSpec, load
 from lmforge.registry import LoadedModel
-from lmforge.tune.reaper import orphaned_train_groups
+from lmforge.tune.reaper import orphaned_train_groups, remove_groups
 
 from .integration.helpers import BIN, SPEC, TRAIN_POLL_ENV, free_port, wait_until
 
@@ -159,8 +159,6 @@ def _describe_reserved() -> str:
 def _stop_training_runs() -> None:
     """Kill the session cluster's Train controllers (their workers go with them) and
     remove whatever placement groups are still reserved."""
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
     from ray.util.state import list_actors
 
     for actor in list_actors(address=ray.get_runtime_context().gcs_address,
@@ -170,8 +168,7 @@ def _stop_training_runs() -> None:
             os.kill(actor.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    for pg_id in _reserved_placement_groups():
-        remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+    remove_groups(_reserved_placement_groups())
 
 
 @pytest.fixture
