@@ -48,6 +48,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 if TYPE_CHECKING:
+    from lmforge.config import JobSpec
     from lmforge.pipeline import Summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,20 +81,13 @@ def quality(overrides: list[str]) -> dict[str, Any]:
             "wall_s": round(time.perf_counter() - start, 1)}
 
 
-def _search(overrides: list[str], runs: Path) -> tuple[dict[str, Any], float]:
-    """One search in this process (lmforge's library), returning its summary and wall s."""
+def _own_ray() -> None:
+    """A Ray cluster of this process's own beside any other on the machine (others' tests,
+    CI): its own temp dir and ports, and Train's placement-group cleaner pointed at this
+    cluster's State API (with two local clusters and no address it cannot tell which is
+    its own), as the test fixtures do."""
     from lmforge.cluster import init_ray
-    from lmforge.config import load
-    from lmforge.pipeline import Stages, execute
 
-    spec = load(SPEC, [f"data.cache_dir={ROOT / 'runs' / 'cache'}",
-                       f"train.storage_path={runs / 'ray'}", f"tune.storage_path={runs / 'ray'}",
-                       f"tracking.uri=sqlite:///{runs / 'mlflow.db'}",
-                       "registry.enabled=false", "tune.time_budget_s=null", *overrides])
-    # Once, outside the timed search; a cluster of its own beside any other on the machine
-    # (others' tests, CI): its own temp dir and ports, and Train's placement-group cleaner
-    # pointed at this cluster's State API (with two local clusters and no address it cannot
-    # tell which is its own), as the test fixtures do.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dashboard = sock.getsockname()[1]
@@ -102,6 +96,18 @@ def _search(overrides: list[str], runs: Path) -> tuple[dict[str, Any], float]:
              dashboard_host="127.0.0.1", dashboard_port=dashboard,
              runtime_env={"env_vars": {
                  "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}})
+
+
+def _search(overrides: list[str], runs: Path) -> tuple[dict[str, Any], float]:
+    """One search in this process (lmforge's library), returning its summary and wall s."""
+    from lmforge.config import load
+    from lmforge.pipeline import Stages, execute
+
+    spec = load(SPEC, [f"data.cache_dir={ROOT / 'runs' / 'cache'}",
+                       f"train.storage_path={runs / 'ray'}", f"tune.storage_path={runs / 'ray'}",
+                       f"tracking.uri=sqlite:///{runs / 'mlflow.db'}",
+                       "registry.enabled=false", "tune.time_budget_s=null", *overrides])
+    _own_ray()  # once, outside the timed search
     start = time.perf_counter()
     summary = execute(spec, Stages(search=True, register=False, serve_check=False),
                       runs_dir=runs)
@@ -419,6 +425,82 @@ def noise(seeds: list[int], overrides: list[str]) -> dict[str, Any]:
             "range": round(float(values.max() - values.min()), 4)}
 
 
+def sampled_configs(spec: JobSpec, trials: int) -> list[dict[str, Any]]:
+    """The first `trials` configurations a random search of `spec` samples: Optuna's
+    `RandomSampler` seeded with `tune.seed`, through the search's own searcher, so the
+    values are the search's to the last digit (its samples do not depend on results)."""
+    from lmforge.tune.search import make_searcher
+
+    searcher = make_searcher(spec.tune.model_copy(update={"searcher": "random"}))
+    return [searcher.suggest(f"t{i}") for i in range(trials)]
+
+
+def _interaction_var(grid: np.ndarray) -> float:
+    """The noise that reorders configurations: of scores `grid[config, seed]`, the
+    variance left after each configuration's mean and each seed's mean are taken out
+    (two-way layout, one run per cell). Every trial of a search trains with the same
+    `train.seed`, so a seed that lifts every configuration alike moves no ranking."""
+    residual = grid - grid.mean(axis=1, keepdims=True) - grid.mean(axis=0, keepdims=True) \
+        + grid.mean()
+    configs, seeds = grid.shape
+    return float((residual ** 2).sum() / ((configs - 1) * (seeds - 1)))
+
+
+def rung_noise(trials: int, seed: int, train_seeds: list[int],
+               overrides: list[str]) -> dict[str, Any]:
+    """Run-to-run spread of the first rung's score. Each of the first `trials`
+    configurations random search samples (`tune.seed` = `seed`) is trained once per
+    `train.seed` exactly as a search's trial is up to its first rung (with
+    `tune.rung_cooldown`, the cooldown fork there), and stops there, as synchronous
+    halving pauses a trial (`pause_at`). Prints each score; the noise (`_interaction_var`:
+    what moves one configuration against another from seed to seed); the spread across
+    configurations at one seed; and the reliability 1 - noise/spread, the share of the
+    spread a search sees that is the configurations'. Classical test theory's bound: a
+    score correlates with anything at most as the square root of its reliability."""
+    from lmforge.config import load
+    from lmforge.data import prepare_data
+    from lmforge.train import Paused, run_training
+    from lmforge.train.fork import SEARCH_METRIC
+    from lmforge.tune.trial import cooldown_rungs, rung_steps
+
+    if trials < 2:
+        sys.exit("rung-noise needs --trials 2 or more (a spread across configurations)")
+    with tempfile.TemporaryDirectory(prefix="bench-rung-noise-") as tmp:
+        spec = load(SPEC, [f"data.cache_dir={ROOT / 'runs' / 'cache'}",
+                           f"train.storage_path={tmp}/ray", *overrides, f"tune.seed={seed}"])
+        rung = rung_steps(spec)[0]
+        data = prepare_data(spec.data, spec.tokenizer, spec.model.block_size)
+        _own_ray()
+        configs = sampled_configs(spec, trials)
+        own: dict[int, dict[int, float]] = {}
+        score: dict[int, dict[int, float]] = {}
+        for i, config in enumerate(configs):
+            for train_seed in train_seeds:
+                trial = spec.with_values({**config, "train.seed": train_seed})
+                try:
+                    run_training(trial, data, None, name=f"rung-noise-{i}-{train_seed}",
+                                 cooldown=cooldown_rungs(spec), pause_at=(rung,))
+                    sys.exit(f"trial {i} did not stop at step {rung}")
+                except Paused as paused:
+                    m = paused.metrics
+                own.setdefault(i, {})[train_seed] = round(m["val_loss"], 4)
+                score.setdefault(i, {})[train_seed] = round(m.get(SEARCH_METRIC,
+                                                                  m["val_loss"]), 4)
+                print(f"[bench] trial {i} train.seed {train_seed}: own {m['val_loss']:.4f}, "
+                      f"score {score[i][train_seed]:.4f}", file=sys.stderr, flush=True)
+    grid = np.array([[score[i][s] for s in train_seeds] for i in range(trials)])
+    noise_var = _interaction_var(grid) if len(train_seeds) > 1 else None
+    total_var = float(grid.var(axis=0, ddof=1).mean())  # across configurations, per seed
+    reliability = None if noise_var is None else max(0.0, 1 - noise_var / total_var)
+    return {"bench": "rung_noise", "seed": seed, "rung": rung,
+            "rung_cooldown": spec.tune.rung_cooldown, "train_seeds": train_seeds,
+            "overrides": overrides, "configs": configs, "score": score, "own": own,
+            "noise_std": None if noise_var is None else round(noise_var ** 0.5, 4),
+            "spread_std": round(total_var ** 0.5, 4),
+            "reliability": None if reliability is None else round(reliability, 3),
+            "correlation_bound": None if reliability is None else round(reliability ** 0.5, 3)}
+
+
 def _ends(summary: dict[str, Any]) -> list[int]:
     client = MlflowClient(summary.tracking_uri)
     parent = client.get_run(summary.mlflow_run_id)
@@ -431,17 +513,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["quality", "efficiency", "overhead", "replay",
-                                          "noise"])
+                                          "noise", "rung-noise"])
     parser.add_argument("--trials", type=int, default=None,
-                        help="efficiency: trials per search (default 12); overhead: K (6)")
+                        help="efficiency: trials per search (default 12), rung-noise: "
+                             "configurations (12); overhead: K (6)")
     parser.add_argument("--steps", type=int, default=None,
                         help="steps per trial (efficiency default 2000, overhead 100)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="efficiency: tune.seed of both searches (their samplers)")
+                        help="efficiency: tune.seed of both searches (their samplers); "
+                             "rung-noise: the random search whose configurations to run")
     parser.add_argument("--train-seeds", default="1337,1,2",
                         type=lambda s: [int(x) for x in s.split(",")],
-                        help="noise: the train.seed of each run, comma-separated (default "
-                             "1337,1,2; 1337 is every search trial's)")
+                        help="noise, rung-noise: the train.seed of each run, comma-separated "
+                             "(default 1337,1,2; 1337 is every search trial's)")
     parser.add_argument("--reduction-factor", type=int, default=None,
                         help="efficiency: ASHA's reduction factor (default: the spec's); "
                              "replay: the factor to replay (default: the run's)")
@@ -464,6 +548,8 @@ def main() -> None:
             replays(old["random"], old, args.reduction_factor)
     elif args.which == "noise":
         result = noise(args.train_seeds, args.overrides)
+    elif args.which == "rung-noise":
+        result = rung_noise(args.trials or 12, args.seed, args.train_seeds, args.overrides)
     elif args.which == "quality":
         result = quality(args.overrides)
     elif args.which == "efficiency":

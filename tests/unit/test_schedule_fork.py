@@ -603,3 +603,48 @@ def test_bench_noise_trains_one_configuration_once_per_seed(monkeypatch):
     assert all("train.lr=3.5e-3" in c and "registry.enabled=false" in c for c in calls)
     assert out["val_loss_by_seed"] == {1337: 1.735, 1: 1.745, 2: 1.740}
     assert out["mean"] == 1.74 and out["std"] == 0.005 and out["range"] == 0.01
+
+
+def test_bench_rung_noise_counts_only_noise_that_reorders_configurations():
+    """`_interaction_var`: a seed that moves every configuration alike is no noise to a
+    search (its trials share `train.seed`); one that swaps two configurations is."""
+    bench = bench_tune()
+    configs = np.array([2.30, 2.32, 2.35, 2.40])
+    additive = configs[:, None] + np.array([0.0, 0.02, -0.01])[None, :]
+    assert bench._interaction_var(additive) == pytest.approx(0.0, abs=1e-12)
+    swapped = additive.copy()
+    swapped[[0, 1], 2] = swapped[[1, 0], 2]  # seed 2 ranks the first two the other way
+    assert bench._interaction_var(swapped) > 1e-5
+
+
+def test_bench_rung_noise_runs_each_configuration_to_its_first_rung(monkeypatch, tmp_path):
+    """`bench/tune.py rung-noise`: random search's configurations (the search's own draws),
+    each trained once per `train.seed` as a trial is, forking at the first rung and
+    stopping there; the scores, and a reliability that is 1 where seeds move nothing."""
+    import lmforge.data
+    import lmforge.train
+    from lmforge.train import Paused
+
+    bench = bench_tune()
+    runs = []
+
+    def fake_training(spec, data, tracker, name, cooldown=None, pause_at=()):  # noqa: ANN001, ANN202
+        runs.append((spec.train.seed, spec.train.lr, cooldown, pause_at))
+        fork = 2.3 + 100 * abs(spec.train.lr - 4e-3) + {1337: 0.0, 1: 0.01}[spec.train.seed]
+        raise Paused({"step": pause_at[0], "val_loss": fork + 0.1, "search_loss": fork,
+                      "pausing": True})
+
+    monkeypatch.setattr(lmforge.train, "run_training", fake_training)
+    monkeypatch.setattr(lmforge.data, "prepare_data", lambda *a: None)
+    monkeypatch.setattr(bench, "_own_ray", lambda: None)
+    corpus = tmp_path / "corpus.txt"  # the spec's own corpus lives outside the checkout
+    corpus.write_text("To be, or not to be.\n" * 50)
+    out = bench.rung_noise(3, 2, [1337, 1], [f"data.path={corpus}", "train.schedule=wsd",
+                                             "tune.rung_cooldown=0.2",
+                                             "tune.reduction_factor=4"])
+    lrs = [c["train.lr"] for c in out["configs"]]
+    assert lrs[0] == pytest.approx(2.7289457495676007e-03)  # seed 2's trial 0, as searched
+    assert [(seed, lr) for seed, lr, _, _ in runs] == [(s, lr) for lr in lrs for s in (1337, 1)]
+    assert {(c.steps, c.fraction, p) for _, _, c, p in runs} == {((250, 1000), 0.2, (250,))}
+    assert out["rung"] == 250 and out["score"][0][1] == round(out["score"][0][1337] + 0.01, 4)
+    assert out["reliability"] == 1.0 and out["noise_std"] == 0.0
