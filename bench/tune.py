@@ -7,6 +7,9 @@
     .venv/bin/python bench/tune.py overhead     # K short trials at concurrency 2
     .venv/bin/python bench/tune.py noise train.lr=3.5e-3 ...  # one configuration, trained
                                                 # once per train.seed: run-to-run spread
+    .venv/bin/python bench/tune.py rung-noise --seed 2 train.schedule=wsd \
+        tune.rung_cooldown=0.2 tune.reduction_factor=4  # the same at the first rung, for
+                                                # random search's configurations
 
 `efficiency` and `overhead` take --trials/--steps to run at a reduced size (say so when
 quoting the figures). `efficiency` also takes --seed, --reduction-factor (ASHA's, and
@@ -480,9 +483,10 @@ def rung_noise(trials: int, seed: int, train_seeds: list[int],
                 try:
                     run_training(trial, data, None, name=f"rung-noise-{i}-{train_seed}",
                                  cooldown=cooldown_rungs(spec), pause_at=(rung,))
-                    sys.exit(f"trial {i} did not stop at step {rung}")
                 except Paused as paused:
                     m = paused.metrics
+                else:
+                    sys.exit(f"trial {i} did not stop at step {rung}")
                 own.setdefault(i, {})[train_seed] = round(m["val_loss"], 4)
                 score.setdefault(i, {})[train_seed] = round(m.get(SEARCH_METRIC,
                                                                   m["val_loss"]), 4)
