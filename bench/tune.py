@@ -463,15 +463,15 @@ def rung_noise(trials: int, seed: int, train_seeds: list[int],
     from lmforge.config import load
     from lmforge.data import prepare_data
     from lmforge.train import Paused, run_training
-    from lmforge.train.fork import SEARCH_METRIC
-    from lmforge.tune.trial import cooldown_rungs, rung_steps
+    from lmforge.tune.trial import cooldown_rungs, ranking_metric, rung_steps
 
     if trials < 2:
         sys.exit("rung-noise needs --trials 2 or more (a spread across configurations)")
     with tempfile.TemporaryDirectory(prefix="bench-rung-noise-") as tmp:
         spec = load(SPEC, [f"data.cache_dir={ROOT / 'runs' / 'cache'}",
                            f"train.storage_path={tmp}/ray", *overrides, f"tune.seed={seed}"])
-        rung = rung_steps(spec)[0]
+        rung, forks, ranked_by = rung_steps(spec)[0], cooldown_rungs(spec), \
+            ranking_metric(spec.tune)
         data = prepare_data(spec.data, spec.tokenizer, spec.model.block_size)
         _own_ray()
         configs = sampled_configs(spec, trials)
@@ -482,14 +482,13 @@ def rung_noise(trials: int, seed: int, train_seeds: list[int],
                 trial = spec.with_values({**config, "train.seed": train_seed})
                 try:
                     run_training(trial, data, None, name=f"rung-noise-{i}-{train_seed}",
-                                 cooldown=cooldown_rungs(spec), pause_at=(rung,))
+                                 cooldown=forks, pause_at=(rung,))
                 except Paused as paused:
                     m = paused.metrics
                 else:
                     sys.exit(f"trial {i} did not stop at step {rung}")
                 own.setdefault(i, {})[train_seed] = round(m["val_loss"], 4)
-                score.setdefault(i, {})[train_seed] = round(m.get(SEARCH_METRIC,
-                                                                  m["val_loss"]), 4)
+                score.setdefault(i, {})[train_seed] = round(m[ranked_by], 4)
                 print(f"[bench] trial {i} train.seed {train_seed}: own {m['val_loss']:.4f}, "
                       f"score {score[i][train_seed]:.4f}", file=sys.stderr, flush=True)
     grid = np.array([[score[i][s] for s in train_seeds] for i in range(trials)])
